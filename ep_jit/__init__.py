@@ -1,0 +1,15 @@
+"""ep_jit: JIT-compiled MoE expert-parallel dispatch/combine kernels."""
+
+__version__ = "0.1.0"
+
+from . import config as _config
+from .errors import CompileError, ConfigError, EPJitError
+from .group import GroupInfo, member_hash
+from .jit import get_kernel, stats
+from .spec import KernelSpec
+
+if _config._env("EP_JIT_LOG") is not None:
+    _config.configure_logging()
+
+__all__ = ["CompileError", "ConfigError", "EPJitError", "GroupInfo", "KernelSpec",
+           "__version__", "get_kernel", "member_hash", "stats"]

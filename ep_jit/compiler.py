@@ -1,0 +1,175 @@
+"""NVRTC: render a KernelSpec to source and compile it straight to a cubin.
+
+Local headers (templates/*.cuh) are handed to NVRTC from memory, so the bytes that
+are hashed into the cache key are exactly the bytes that are compiled. CUDA's own
+headers come from the nvidia-cuda-runtime and nvidia-cuda-cccl wheels, found
+through cuda.pathfinder; their versions enter the key, their paths never do.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cuda.bindings import nvrtc
+from cuda.pathfinder import find_nvidia_header_directory
+
+from . import config
+from .errors import CompileError, ConfigError
+from .spec import TEMPLATES, KernelSpec
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+BASE_OPTIONS = ("-std=c++17",)
+
+
+def template_dir() -> Path:
+    """templates/ inside an installed wheel, or beside the package in a source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"templates: expected a templates/ folder in {here} or {here.parent}, found none")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Everything NVRTC is given for one spec, and nothing machine-specific."""
+
+    spec: KernelSpec
+    file_name: str
+    text: str
+    headers: dict[str, str] = field(hash=False)
+    name_expressions: tuple[str, ...]
+    options: tuple[str, ...]
+
+    def source_sha256(self) -> str:
+        h = hashlib.sha256()
+        for name, text in [(self.file_name, self.text), *sorted(self.headers.items())]:
+            h.update(f"{name}\0{len(text)}\0".encode())
+            h.update(text.encode())
+        return h.hexdigest()
+
+    def key_inputs(self) -> dict[str, object]:
+        """The compile's inputs as they enter the cache key (see cache.cache_key)."""
+        return {
+            "template": self.spec.template,
+            "source_sha256": self.source_sha256(),
+            "params": self.spec.params(),
+            "member_hash": self.spec.member_hash,
+            "arch": self.spec.arch,
+            "nvrtc": nvrtc_version(),
+            "cuda_headers": cuda_header_versions(),
+            "options": list(self.options),
+            "name_expressions": list(self.name_expressions),
+        }
+
+
+@dataclass(frozen=True)
+class CompiledProgram:
+    cubin: bytes
+    lowered_names: dict[str, str]
+    log: str
+    seconds: float
+
+
+def _check(result: tuple, what: str) -> tuple:
+    err, *rest = result
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, msg = nvrtc.nvrtcGetErrorString(err)
+        raise RuntimeError(f"{what} failed: {msg.decode(errors='replace')}")
+    return tuple(rest)
+
+
+@functools.cache
+def nvrtc_version() -> str:
+    major, minor = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    return f"{major}.{minor}"
+
+
+@functools.cache
+def cuda_include_dirs() -> tuple[str, ...]:
+    dirs = []
+    for lib, wheel in (("cudart", "nvidia-cuda-runtime"), ("cccl", "nvidia-cuda-cccl")):
+        found = find_nvidia_header_directory(lib)
+        if found is None:
+            raise ConfigError(f"CUDA headers: expected the {lib} headers (pip install {wheel}), found none")
+        dirs.append(str(found))
+    return tuple(dirs)
+
+
+def _define(path: Path, macro: str) -> int:
+    match = re.search(rf"#define\s+{macro}\s+(\d+)", path.read_text(errors="replace"))
+    if match is None:
+        raise ConfigError(f"CUDA headers: expected '#define {macro}' in {path}, found none")
+    return int(match.group(1))
+
+
+@functools.cache
+def cuda_header_versions() -> dict[str, int]:
+    cudart, cccl = (Path(d) for d in cuda_include_dirs())
+    return {"cudart": _define(cudart / "cuda_runtime_api.h", "CUDART_VERSION"),
+            "cccl": _define(cccl / "cuda/std/__cccl/version.h", "CCCL_VERSION")}
+
+
+def _local_headers(text: str, root: Path) -> dict[str, str]:
+    """Every templates/ header reachable through #include "...", recursively."""
+    found: dict[str, str] = {}
+    pending = _LOCAL_INCLUDE.findall(text)
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        path = root / name
+        if not path.is_file():
+            raise ConfigError(f"templates: {name!r} is included but {path} does not exist")
+        found[name] = path.read_text()
+        pending.extend(_LOCAL_INCLUDE.findall(found[name]))
+    return found
+
+
+def render(spec: KernelSpec, root: Path | None = None) -> Source:
+    """The source, headers, name expressions and options that compile `spec`."""
+    root = root or template_dir()
+    template = TEMPLATES[spec.template]
+    text = (root / template.file).read_text()
+    exprs = spec.name_expressions()
+    text += "".join(f"\n// ep_jit instantiates: {e}" for e in exprs) + "\n"
+    options = (*BASE_OPTIONS, f"-arch={spec.arch}", *config.extra_nvrtc_options())
+    return Source(spec, template.file, text, _local_headers(text, root), exprs, options)
+
+
+def _program_log(prog) -> str:
+    (size,) = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+    buf = b" " * size
+    _check(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
+    return buf.rstrip(b"\0").decode(errors="replace")
+
+
+def compile_source(source: Source, key: str) -> CompiledProgram:
+    """Compile to a cubin for the spec's exact arch. Raises CompileError with the log."""
+    start = time.perf_counter()
+    names = list(source.headers)
+    (prog,) = _check(nvrtc.nvrtcCreateProgram(
+        source.text.encode(), source.file_name.encode(), len(names),
+        [source.headers[n].encode() for n in names], [n.encode() for n in names]), "nvrtcCreateProgram")
+    try:
+        for expr in source.name_expressions:
+            _check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()), "nvrtcAddNameExpression")
+        options = [*source.options, *(f"-I{d}" for d in cuda_include_dirs())]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
+        log = _program_log(prog)
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise CompileError(f"NVRTC could not compile {source.spec.describe()}",
+                               spec=source.spec, key=key, log=log, source=source.text)
+        (size,) = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        lowered = {e: _check(nvrtc.nvrtcGetLoweredName(prog, e.encode()), "nvrtcGetLoweredName")[0].decode()
+                   for e in source.name_expressions}
+    finally:
+        _check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
+    return CompiledProgram(cubin, lowered, log, time.perf_counter() - start)

@@ -1,0 +1,25 @@
+"""Exception types. Every error ep_jit raises on purpose is one of these or a
+ValueError/TypeError that names the argument, the expected and the actual value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EPJitError(RuntimeError):
+    """Base class of ep_jit's own errors."""
+
+
+class ConfigError(EPJitError):
+    """An EP_JIT_* setting or the cache root cannot be used."""
+
+
+class CompileError(EPJitError):
+    """NVRTC rejected a kernel. Carries the log, the spec, the key and the source."""
+
+    def __init__(self, message: str, *, spec: Any, key: str, log: str, source: str) -> None:
+        super().__init__(f"{message}\nspec: {spec}\nkey: {key}\nNVRTC log:\n{log}")
+        self.spec = spec
+        self.key = key
+        self.log = log
+        self.source = source

@@ -1,0 +1,146 @@
+"""get_kernel(spec): the three tiers, memory -> disk -> NVRTC.
+
+The memory tier is a dict keyed by the frozen spec, so a hit costs one hash and no
+file or key work. A miss renders the source, computes the key, reads the verified
+disk entry, and otherwise compiles under the key's lock and publishes the entry.
+Compile failures are remembered in memory and on disk, so later calls and other
+ranks fail fast with the same NVRTC log.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Literal
+
+from . import __version__
+from .cache import DiskCache, Entry, cache_key, key_inputs
+from .compiler import compile_source, nvrtc_version, render
+from .config import log
+from .errors import CompileError
+from .spec import KernelSpec
+
+Tier = Literal["memory", "disk", "compiled"]
+
+
+@dataclass(frozen=True)
+class KernelBinary:
+    """A verified cubin and the mangled names of the kernels in it."""
+
+    spec: KernelSpec
+    key: str
+    cubin: bytes
+    lowered_names: dict[str, str]
+
+    def symbol(self, index: int = 0) -> str:
+        return self.lowered_names[self.spec.name_expressions()[index]]
+
+
+@dataclass
+class Stats:
+    memory_hits: int = 0
+    disk_hits: int = 0
+    compiles: int = 0
+    compile_failures: int = 0
+    compile_seconds: float = 0.0
+    load_seconds: float = 0.0
+    lock_wait_seconds: float = 0.0
+
+
+_stats = Stats()
+_memory: dict[KernelSpec, KernelBinary] = {}
+_failures: dict[KernelSpec, CompileError] = {}
+_mutex = threading.Lock()
+
+
+def stats() -> dict[str, float]:
+    """This process's cache counters."""
+    return asdict(_stats)
+
+
+def clear_memory_cache() -> None:
+    """Forget loaded kernels and remembered failures (the disk cache stays)."""
+    with _mutex:
+        _memory.clear()
+        _failures.clear()
+
+
+def get_kernel(spec: KernelSpec) -> KernelBinary:
+    """The kernel binary for `spec`, from memory, disk or NVRTC."""
+    binary = _memory.get(spec)
+    if binary is not None:
+        _stats.memory_hits += 1
+        return binary
+    return resolve(spec)[0]
+
+
+def resolve(spec: KernelSpec, cache: DiskCache | None = None) -> tuple[KernelBinary, Tier]:
+    """get_kernel's slow path, also saying which tier answered (ep-jit-warm reports it)."""
+    with _mutex:
+        if spec in _memory:
+            _stats.memory_hits += 1
+            return _memory[spec], "memory"
+        if spec in _failures:
+            raise _failures[spec]
+        cache = cache or DiskCache()
+        try:
+            binary, tier = _from_disk_or_compile(spec, cache)
+        except CompileError as exc:
+            _failures[spec] = exc
+            raise
+        _memory[spec] = binary
+        return binary, tier
+
+
+def _from_disk_or_compile(spec: KernelSpec, cache: DiskCache) -> tuple[KernelBinary, Tier]:
+    source = render(spec)
+    inputs = key_inputs(source.key_inputs())
+    key = cache_key(inputs)
+    entry = _read(cache, key)
+    if entry is None:
+        with cache.lock(key) as waited:
+            _stats.lock_wait_seconds += waited
+            entry = _read(cache, key)  # another process may have built it while we waited
+            if entry is None:
+                return _compile_and_publish(spec, source, inputs, key, cache), "compiled"
+    if entry.failed:
+        raise CompileError("NVRTC could not compile this spec (remembered failure)",
+                           spec=spec, key=key, log=entry.header.get("log", ""), source=entry.header.get("source", ""))
+    _stats.disk_hits += 1
+    return KernelBinary(spec, key, entry.payload, entry.header["lowered_names"]), "disk"
+
+
+def _read(cache: DiskCache, key: str) -> Entry | None:
+    start = time.perf_counter()
+    entry = cache.read(key)
+    _stats.load_seconds += time.perf_counter() - start
+    return entry
+
+
+def _compile_and_publish(spec: KernelSpec, source, inputs: dict, key: str, cache: DiskCache) -> KernelBinary:
+    header = {
+        "key": key,
+        "inputs": inputs,
+        "spec": {"template": spec.template, **spec.params(), "member_hash": spec.member_hash, "arch": spec.arch},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ep_jit_version": __version__,
+        "nvrtc_version": nvrtc_version(),
+        "source": source.text,
+        "headers": source.headers,
+    }
+    log.info("compiling %s (key %s)", spec.describe(), key[:16])
+    start = time.perf_counter()
+    try:
+        program = compile_source(source, key)
+    except CompileError as exc:
+        _stats.compile_failures += 1
+        cache.write(key, {**header, "status": "failed", "log": exc.log, "lowered_names": {},
+                          "compile_seconds": time.perf_counter() - start}, b"")
+        raise
+    _stats.compiles += 1
+    _stats.compile_seconds += program.seconds
+    cache.write(key, {**header, "status": "ok", "log": program.log, "lowered_names": program.lowered_names,
+                      "compile_seconds": program.seconds}, program.cubin)
+    return KernelBinary(spec, key, program.cubin, program.lowered_names)

@@ -1,0 +1,93 @@
+"""KernelSpec: the frozen description of one compiled kernel binary.
+
+Token counts are runtime arguments and never part of a spec, so a longer batch
+never recompiles.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from .config import check_arch
+from .group import group_tag
+
+# dtype name -> C++ element type
+DTYPES: dict[str, str] = {"bf16": "__nv_bfloat16", "fp8_e4m3": "__nv_fp8_e4m3"}
+DTYPE_ALIASES: dict[str, str] = {"bfloat16": "bf16", "fp8": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3"}
+
+
+@dataclass(frozen=True)
+class Template:
+    """A CUDA source file under templates/ and the kernels it instantiates."""
+
+    name: str
+    file: str
+    kernels: tuple[str, ...]
+
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template("layout", "layout.cu", ("layout_kernel",)),
+    )
+}
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def canonical_dtype(dtype: str) -> str:
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    return name
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    template: str
+    hidden: int
+    num_experts: int
+    num_ranks: int
+    topk: int
+    dtype: str
+    member_hash: str
+    arch: str
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template: expected one of {sorted(TEMPLATES)}, got {self.template!r}")
+        for name in ("hidden", "num_experts", "num_ranks", "topk"):
+            _positive_int(name, getattr(self, name))
+        if self.hidden % 128:
+            raise ValueError(f"hidden: expected a multiple of 128, got {self.hidden}")
+        if self.num_experts % self.num_ranks:
+            raise ValueError(
+                f"num_experts: expected a multiple of num_ranks={self.num_ranks}, got {self.num_experts}")
+        if self.topk > self.num_experts:
+            raise ValueError(f"topk: expected at most num_experts={self.num_experts}, got {self.topk}")
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        if not isinstance(self.member_hash, str) or not _HEX64.match(self.member_hash):
+            raise ValueError(f"member_hash: expected 64 lowercase hex digits, got {self.member_hash!r}")
+        check_arch(self.arch)
+
+    def params(self) -> dict[str, object]:
+        """The template parameters, as they enter the cache key."""
+        d = asdict(self)
+        for k in ("template", "member_hash", "arch"):
+            d.pop(k)
+        return d
+
+    def name_expressions(self) -> tuple[str, ...]:
+        args = (f"{self.hidden}, {self.num_experts}, {self.num_ranks}, {self.topk}, "
+                f"{DTYPES[self.dtype]}, 0x{group_tag(self.member_hash):016x}ull")
+        return tuple(f"ep_jit::{k}<{args}>" for k in TEMPLATES[self.template].kernels)
+
+    def describe(self) -> str:
+        return (f"{self.template}(hidden={self.hidden}, experts={self.num_experts}, ranks={self.num_ranks}, "
+                f"topk={self.topk}, dtype={self.dtype}, group={self.member_hash[:12]}, arch={self.arch})")
