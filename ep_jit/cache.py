@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import stat
 import struct
 import tempfile
@@ -94,6 +95,19 @@ def decode_entry(data: bytes, key: str) -> tuple[dict, bytes]:
     if not isinstance(header, dict) or header.get("key") != key:
         raise CorruptEntry(f"header names key {header.get('key') if isinstance(header, dict) else None!r}")
     return header, body[_PREFIX.size + head_len:]
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -198,7 +212,8 @@ class DiskCache:
         self.ensure_root()
         final = self.entry_path(key)
         _make_private_dir(final.parent)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{key}.", suffix=".tmp")
+        self._remove_dead_writers_temps(key)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{key}.{_HOST}.{os.getpid()}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(encode_entry(header, payload))
@@ -211,6 +226,14 @@ class DiskCache:
             raise
         _fsync_dir(final.parent)
         return final
+
+    def _remove_dead_writers_temps(self, key: str) -> None:
+        """Temp files of this key left by writers on this host that died mid-write."""
+        for tmp in self.entry_path(key).parent.glob(f".{key}.{_HOST}.*.tmp"):
+            pid = tmp.name.split(".")[3]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
     # ---- per-key lock -----------------------------------------------------
 

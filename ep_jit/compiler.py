@@ -27,7 +27,13 @@ BASE_OPTIONS = ("-std=c++17",)
 
 
 def template_dir() -> Path:
-    """templates/ inside an installed wheel, or beside the package in a source tree."""
+    """$EP_JIT_TEMPLATE_DIR, else templates/ inside an installed wheel, else beside the
+    package in a source tree."""
+    explicit = config.template_dir_override()
+    if explicit is not None:
+        if not explicit.is_dir():
+            raise ConfigError(f"EP_JIT_TEMPLATE_DIR: expected a folder, got {explicit}")
+        return explicit
     here = Path(__file__).resolve().parent
     for candidate in (here / "templates", here.parent / "templates"):
         if candidate.is_dir():

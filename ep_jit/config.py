@@ -45,6 +45,11 @@ def lock_root() -> Path:
     return Path(tempfile.gettempdir()) / f"ep_jit-{os.getuid()}" / "locks"
 
 
+def template_dir_override() -> Path | None:
+    explicit = _env("EP_JIT_TEMPLATE_DIR")
+    return Path(explicit).expanduser().absolute() if explicit else None
+
+
 def check_arch(arch: str, name: str = "arch") -> str:
     if not isinstance(arch, str) or not ARCH_PATTERN.match(arch):
         raise ValueError(f"{name}: expected an arch like 'sm_90a' or 'sm_100', got {arch!r}")

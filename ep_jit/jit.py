@@ -17,7 +17,7 @@ from typing import Literal
 
 from . import __version__
 from .cache import DiskCache, Entry, cache_key, key_inputs
-from .compiler import compile_source, nvrtc_version, render
+from .compiler import Source, compile_source, nvrtc_version, render
 from .config import log
 from .errors import CompileError
 from .spec import KernelSpec
@@ -94,22 +94,41 @@ def resolve(spec: KernelSpec, cache: DiskCache | None = None) -> tuple[KernelBin
         return binary, tier
 
 
-def _from_disk_or_compile(spec: KernelSpec, cache: DiskCache) -> tuple[KernelBinary, Tier]:
+def _keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
     source = render(spec)
     inputs = key_inputs(source.key_inputs())
-    key = cache_key(inputs)
+    return source, inputs, cache_key(inputs)
+
+
+def spec_key(spec: KernelSpec) -> str:
+    """The cache key of `spec`: renders and hashes, reads and writes nothing."""
+    return _keyed(spec)[2]
+
+
+def lookup(spec: KernelSpec, cache: DiskCache) -> tuple[str, Entry | None]:
+    """The spec's key and its verified disk entry, if any. Compiles nothing."""
+    key = spec_key(spec)
+    return key, _read(cache, key)
+
+
+def _from_disk_or_compile(spec: KernelSpec, cache: DiskCache) -> tuple[KernelBinary, Tier]:
+    source, inputs, key = _keyed(spec)
     entry = _read(cache, key)
     if entry is None:
         with cache.lock(key) as waited:
             _stats.lock_wait_seconds += waited
             entry = _read(cache, key)  # another process may have built it while we waited
             if entry is None:
-                return _compile_and_publish(spec, source, inputs, key, cache), "compiled"
+                return _compile_and_publish(source, inputs, key, cache), "compiled"
     if entry.failed:
-        raise CompileError("NVRTC could not compile this spec (remembered failure)",
-                           spec=spec, key=key, log=entry.header.get("log", ""), source=entry.header.get("source", ""))
+        raise remembered_failure(spec, entry)
     _stats.disk_hits += 1
     return KernelBinary(spec, key, entry.payload, entry.header["lowered_names"]), "disk"
+
+
+def remembered_failure(spec: KernelSpec, entry: Entry) -> CompileError:
+    return CompileError("NVRTC could not compile this spec (remembered failure)", spec=spec, key=entry.key,
+                        log=entry.header.get("log", ""), source=entry.header.get("source", ""))
 
 
 def _read(cache: DiskCache, key: str) -> Entry | None:
@@ -119,7 +138,8 @@ def _read(cache: DiskCache, key: str) -> Entry | None:
     return entry
 
 
-def _compile_and_publish(spec: KernelSpec, source, inputs: dict, key: str, cache: DiskCache) -> KernelBinary:
+def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCache) -> KernelBinary:
+    spec = source.spec
     header = {
         "key": key,
         "inputs": inputs,

@@ -1,0 +1,1 @@
+"""cache-inspect: list, show, verify, prune and summarise ep_jit's kernel cache."""
