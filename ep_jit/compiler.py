@@ -23,7 +23,9 @@ from .errors import CompileError, ConfigError
 from .spec import TEMPLATES, KernelSpec
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
-BASE_OPTIONS = ("-std=c++17",)
+# A fixed seed makes the cubin a function of the inputs alone (symbol names of
+# internal-linkage entities otherwise embed the time and the process id).
+BASE_OPTIONS = ("-std=c++17", "--frandom-seed=ep_jit")
 
 
 def template_dir() -> Path:
