@@ -11,7 +11,7 @@ from typing import Sequence
 from .group import member_hash
 from .spec import KernelSpec
 
-BUFFER_TEMPLATES: tuple[str, ...] = ("layout",)
+BUFFER_TEMPLATES: tuple[str, ...] = ("layout", "notify", "dispatch", "combine")
 
 
 def buffer_specs(*, hidden: int, num_experts: int, topk: int, dtype: str, members: Sequence[int],

@@ -30,6 +30,9 @@ TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
         Template("layout", "layout.cu", ("layout_kernel",)),
+        Template("notify", "notify.cu", ("notify_kernel",)),
+        Template("dispatch", "dispatch.cu", ("stage_kernel", "pull_kernel")),
+        Template("combine", "combine.cu", ("push_kernel", "reduce_kernel")),
     )
 }
 

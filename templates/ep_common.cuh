@@ -79,14 +79,98 @@ __device__ __forceinline__ int ld_relaxed_sys(const int* p) {
     return v;
 }
 
-// Spin until *p == want; returns false after `max_spins` polls so a dead peer
-// turns into an error on the host instead of a hang.
-__device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, long long max_spins) {
-    for (long long i = 0; i < max_spins; ++i) {
-        if (ld_acquire_sys(p) == want) return true;
-        __nanosleep(64);
+__device__ __forceinline__ uint64_t global_time_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+
+// Error word shared with the host (mapped pinned memory): 0, or phase << 16 | (peer + 1).
+// The first failure wins; every later wait sees it and gives up at once.
+__device__ __forceinline__ void raise_error(int* error, int phase, int peer) {
+    atomicCAS(error, 0, (phase << 16) | (peer + 1));
+    __threadfence_system();
+}
+
+// Spin until *p == want. Gives up when the deadline passes or another wait has
+// already failed, so a dead peer becomes an error on the host instead of a hang.
+__device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint64_t timeout_ns, int* error,
+                                          int phase, int peer) {
+    const uint64_t deadline = global_time_ns() + timeout_ns;
+    while (ld_acquire_sys(p) != want) {
+        if (ld_volatile(error) != 0) return false;
+        if (global_time_ns() > deadline) {
+            raise_error(error, phase, peer);
+            return false;
+        }
+        __nanosleep(32);
     }
-    return false;
+    return true;
+}
+
+// ---- the symmetric buffer ---------------------------------------------------
+// Every rank's buffer has the same layout; the host computes the byte offsets
+// (ep_jit/symmetric.py) and passes them by value.
+
+struct SymLayout {
+    long long flags;         // uint64 [kNumFlagKinds][R]: slot [kind][p] is written by peer p
+    long long counts;        // int [R][1 + E/R]: from source p, tokens for me, then per local expert
+    long long send_index;    // int [R][max_tokens]: for destination r, slot -> my token index
+    long long stage_x;       // T [max_tokens][H]: my tokens, staged for peers to pull
+    long long stage_scales;  // float [max_tokens][H/128] (fp8 only)
+    long long stage_idx;     // int64 [max_tokens][K]
+    long long stage_weights; // float [max_tokens][K]
+    long long combine;       // bf16 [R][max_tokens][H]: rows expert rank p pushed back for my tokens
+    int max_tokens;
+};
+
+enum FlagKind : int {
+    kCountsReady = 0,     // p has staged its tokens and sent me its counts (dispatch seq)
+    kStageConsumed = 1,   // p has pulled everything it needs from my stage (dispatch seq)
+    kCombinePushed = 2,   // p has pushed its expert outputs for my tokens (combine seq)
+    kCombineConsumed = 3, // p has reduced what I pushed to it (combine seq)
+    kNumFlagKinds = 4,
+};
+
+enum Phase : int { kPhaseStage = 1, kPhaseNotify = 2, kPhaseCombinePush = 3, kPhaseCombineReduce = 4 };
+
+template <typename U>
+__device__ __forceinline__ U* sym_ptr(uint64_t base, long long offset) {
+    return reinterpret_cast<U*>(base + offset);
+}
+
+__device__ __forceinline__ uint64_t* flag_slot(uint64_t base, const SymLayout& L, int kind, int peer,
+                                               int num_ranks) {
+    return sym_ptr<uint64_t>(base, L.flags) + kind * num_ranks + peer;
+}
+
+// Threads 0..R-1 of the block each wait for one peer's flag in this rank's buffer.
+// Returns false (uniformly across the block) if any wait failed.
+template <int NUM_RANKS>
+__device__ __forceinline__ bool block_wait_all(uint64_t my_base, const SymLayout& L, int kind, uint64_t want,
+                                               uint64_t timeout_ns, int* error, int phase) {
+    if (threadIdx.x < NUM_RANKS)
+        wait_flag(flag_slot(my_base, L, kind, threadIdx.x, NUM_RANKS), want, timeout_ns, error, phase, threadIdx.x);
+    __syncthreads();
+    return ld_volatile(error) == 0;
+}
+
+// The last block of the grid to get here posts `want` into slot [kind][rank] of every
+// peer. Each block fences its own writes first, so they are visible before the flag.
+template <int NUM_RANKS>
+__device__ __forceinline__ void grid_done_post(int* counter, const uint64_t* peers, const SymLayout& L, int kind,
+                                               int rank, uint64_t want) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        if (atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1) {
+            *counter = 0;
+            __threadfence_system();
+            for (int p = 0; p < NUM_RANKS; ++p) st_release_sys(flag_slot(peers[p], L, kind, rank, NUM_RANKS), want);
+        }
+    }
 }
 
 // ---- block-wide exclusive scan of one int per thread ------------------------

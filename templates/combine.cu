@@ -1,0 +1,83 @@
+// Combine: expert ranks push their outputs back over NVLink, then each source
+// rank reduces the rows of every token in fp32, in rank order (deterministic).
+//
+// push_kernel    on expert rank r: output row j came from source s at slot
+//                j - offset[s]; it is written to s's buffer at combine[r][slot],
+//                with 16-byte stores. Waits first until every source has reduced
+//                the previous combine.
+// reduce_kernel  on source s: out[t] = sum over r with token_slot[t, r] >= 0 of
+//                combine[r][token_slot[t, r]], accumulated in fp32.
+#include "ep_common.cuh"
+
+namespace ep_jit {
+
+constexpr int kCombineThreads = 512;
+using bf16 = __nv_bfloat16;
+
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(kCombineThreads)
+push_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ recv_offsets,
+            const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint32_t prev_seq,
+            uint64_t timeout_ns, int* error, int* counter) {
+    constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
+    __shared__ int offsets[NUM_RANKS + 1];
+    if (ld_volatile(error) != 0) return;
+    if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(peers[rank], L, kCombineConsumed, make_flag(TAG, prev_seq),
+                                                     timeout_ns, error, kPhaseCombinePush))
+        return;
+    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
+    __syncthreads();
+    const int total = min(offsets[NUM_RANKS], num_rows);
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
+    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
+    int src = 0;
+    for (int j = warp; j < total; j += num_warps) {
+        while (j >= offsets[src + 1]) ++src;
+        int4* dst = sym_ptr<int4>(peers[src], L.combine) +
+                    (static_cast<int64_t>(rank) * L.max_tokens + (j - offsets[src])) * kVecs;
+        warp_copy(dst, reinterpret_cast<const int4*>(y) + static_cast<int64_t>(j) * kVecs, kVecs, lane);
+    }
+    grid_done_post<NUM_RANKS>(counter, peers, L, kCombinePushed, rank, make_flag(TAG, seq));
+}
+
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(kCombineThreads)
+reduce_kernel(bf16* __restrict__ out, const int* __restrict__ token_slot, int num_tokens,
+              const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint64_t timeout_ns,
+              int* error, int* counter) {
+    constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
+    if (ld_volatile(error) != 0) return;
+    const uint64_t my_base = peers[rank];
+    if (!block_wait_all<NUM_RANKS>(my_base, L, kCombinePushed, make_flag(TAG, seq), timeout_ns, error,
+                                   kPhaseCombineReduce))
+        return;
+    const int4* rows = sym_ptr<const int4>(my_base, L.combine);
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
+    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
+    for (int t = warp; t < num_tokens; t += num_warps) {
+        int slot[NUM_RANKS];
+#pragma unroll
+        for (int r = 0; r < NUM_RANKS; ++r) slot[r] = token_slot[static_cast<int64_t>(t) * NUM_RANKS + r];
+        for (int v = lane; v < kVecs; v += kWarpSize) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+            for (int r = 0; r < NUM_RANKS; ++r) {
+                if (slot[r] < 0) continue;
+                const int4 raw = rows[(static_cast<int64_t>(r) * L.max_tokens + slot[r]) * kVecs + v];
+                const bf16* h = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[i] += __bfloat162float(h[i]);
+            }
+            int4 packed;
+            bf16* o = reinterpret_cast<bf16*>(&packed);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16(acc[i]);
+            reinterpret_cast<int4*>(out)[static_cast<int64_t>(t) * kVecs + v] = packed;
+        }
+    }
+    grid_done_post<NUM_RANKS>(counter, peers, L, kCombineConsumed, rank, make_flag(TAG, seq));
+}
+
+}  // namespace ep_jit

@@ -1,0 +1,72 @@
+// Count exchange over NVLink (one block).
+//
+// Each rank writes, into every destination's buffer, how many tokens it sends there
+// and how many (token, expert) pairs go to each of that destination's experts, then
+// raises its kCountsReady flag there. It then waits for every source's flag and
+// publishes the receive layout: per-source offsets on the device (for the pull
+// kernel) and the totals in mapped host memory, where the host reads them without
+// synchronising the stream.
+#include "ep_common.cuh"
+
+namespace ep_jit {
+
+struct Mailbox {          // mapped pinned host memory, one per Buffer
+    int done_seq;         // written last: the fields below belong to this dispatch
+    int recv_total;
+    int recv_from[64];    // tokens received from each source rank
+    int tokens_per_expert[1024];
+};
+
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(128)
+notify_kernel(const int* __restrict__ tokens_per_rank, const int* __restrict__ tokens_per_expert,
+              const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint64_t timeout_ns,
+              int* error, int* recv_offsets, int* local_expert_counts, Mailbox* mailbox) {
+    static_assert(NUM_RANKS <= 64 && NUM_EXPERTS / NUM_RANKS <= 1024, "mailbox too small");
+    constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
+    constexpr int kRow = 1 + kLocal;
+    __shared__ int from[NUM_RANKS];
+    if (ld_volatile(error) != 0) return;
+    const uint64_t want = make_flag(TAG, seq);
+    const uint64_t my_base = peers[rank];
+
+    // 1. send my counts to every destination, then raise its flag
+    if (threadIdx.x < NUM_RANKS) {
+        const int dst = threadIdx.x;
+        int* row = sym_ptr<int>(peers[dst], L.counts) + rank * kRow;
+        row[0] = tokens_per_rank[dst];
+        for (int e = 0; e < kLocal; ++e) row[1 + e] = tokens_per_expert[dst * kLocal + e];
+        __threadfence_system();  // counts, and the stage written by the previous kernel, before the flag
+        st_release_sys(flag_slot(peers[dst], L, kCountsReady, rank, NUM_RANKS), want);
+    }
+    // 2. wait for every source
+    if (!block_wait_all<NUM_RANKS>(my_base, L, kCountsReady, want, timeout_ns, error, kPhaseNotify)) return;
+    const int* counts = sym_ptr<int>(my_base, L.counts);
+    if (threadIdx.x < NUM_RANKS) from[threadIdx.x] = counts[threadIdx.x * kRow];
+    __syncthreads();
+
+    // 3. publish the receive layout
+    for (int e = threadIdx.x; e < kLocal; e += blockDim.x) {
+        int sum = 0;
+        for (int src = 0; src < NUM_RANKS; ++src) sum += counts[src * kRow + 1 + e];
+        local_expert_counts[e] = sum;
+        mailbox->tokens_per_expert[e] = sum;
+    }
+    if (threadIdx.x == 0) {
+        int run = 0;
+        for (int src = 0; src < NUM_RANKS; ++src) {
+            recv_offsets[src] = run;
+            mailbox->recv_from[src] = from[src];
+            run += from[src];
+        }
+        recv_offsets[NUM_RANKS] = run;
+        mailbox->recv_total = run;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        *reinterpret_cast<volatile int*>(&mailbox->done_seq) = static_cast<int>(seq);
+    }
+}
+
+}  // namespace ep_jit
