@@ -11,5 +11,15 @@ from .spec import KernelSpec
 if _config._env("EP_JIT_LOG") is not None:
     _config.configure_logging()
 
-__all__ = ["CompileError", "ConfigError", "EPJitError", "GroupInfo", "KernelSpec",
+
+
+def __getattr__(name: str):
+    # Buffer needs the CUDA driver and a framework; import it only when asked for
+    if name == "Buffer":
+        from .buffer import Buffer
+        return Buffer
+    raise AttributeError(f"module 'ep_jit' has no attribute {name!r}")
+
+
+__all__ = ["Buffer", "CompileError", "ConfigError", "EPJitError", "GroupInfo", "KernelSpec",
            "__version__", "get_kernel", "member_hash", "stats"]

@@ -9,7 +9,8 @@
 //                token index). Reads are 16-byte loads from the peer's buffer, one
 //                warp per row, several rows in flight per SM. Expert ids become
 //                local ids (others -1, weight 0). Rows past the received count, up
-//                to the capacity, are marked empty (-1, 0).
+//                to the capacity, are marked empty (-1, 0); rows past the capacity are
+//                reported in status[2] and not copied.
 #include "ep_common.cuh"
 
 namespace ep_jit {
@@ -83,6 +84,8 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
     if (ld_volatile(error) != 0) return;  // the count exchange failed: nothing valid to pull
     if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
     __syncthreads();
+    if (blockIdx.x == 0 && threadIdx.x == 0 && offsets[NUM_RANKS] > capacity)
+        atomicMax(error + 2, offsets[NUM_RANKS]);  // status[2]: rows that did not fit
     const int total = min(offsets[NUM_RANKS], capacity);
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;

@@ -87,7 +87,11 @@ __device__ __forceinline__ uint64_t global_time_ns() {
 
 __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 
-// Error word shared with the host (mapped pinned memory): 0, or phase << 16 | (peer + 1).
+// Status words shared with the host (mapped pinned memory):
+//   status[0]  error: 0, or phase << 16 | (peer + 1) when a wait timed out
+//   status[1]  1 + flat index of the first top-k id outside [-1, E), else 0
+//   status[2]  received rows when they exceeded the non-blocking capacity, else 0
+// Kernels take `int* error` = &status[0].
 // The first failure wins; every later wait sees it and gives up at once.
 __device__ __forceinline__ void raise_error(int* error, int phase, int peer) {
     atomicCAS(error, 0, (phase << 16) | (peer + 1));

@@ -1,0 +1,367 @@
+"""ep_jit.Buffer: intra-node expert-parallel dispatch and combine over NVLink.
+
+One Buffer per EP group and model shape. Every operation is collective: all members
+call dispatch/combine in the same order. Each operation runs entirely on one stream,
+the one `frameworks.resolve_stream` returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import time
+import weakref
+from ctypes import c_int, c_uint32, c_uint64, c_void_p
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+from cuda.bindings import driver
+
+from .errors import EPJitError
+from .frameworks import Adapter, adapter_for, resolve_stream
+from .group import GroupInfo
+from .jit import get_kernel
+from .kernels import buffer_specs
+from .runtime import Args, Module, check, device_arch, device_attribute, use_device
+from .spec import canonical_dtype
+from .symmetric import SymmetricBuffer, plan_layout
+
+PHASES = {1: "dispatch staging (waiting for peers to finish reading the previous stage)",
+          2: "count exchange", 3: "combine push (waiting for peers to finish the previous combine)",
+          4: "combine reduce (waiting for peers' expert outputs)"}
+MAX_RANKS, MAX_LOCAL_EXPERTS = 64, 1024
+LAYOUT_THREADS, COPY_THREADS, NOTIFY_THREADS = 256, 512, 128
+
+
+def _free_buffer(device: int, workspace: Any, mailbox: int) -> None:
+    try:
+        use_device(device)
+        driver.cuCtxSynchronize()
+    except Exception:  # the context is already gone at interpreter exit
+        return
+    driver.cuMemFree(workspace)
+    driver.cuMemFreeHost(mailbox)
+
+
+class PeerTimeout(EPJitError):
+    """A peer did not reach a phase in time; the Buffer cannot be used any more."""
+
+
+class Mailbox(ctypes.Structure):
+    """Mapped pinned host memory written by the kernels (mirrors templates/notify.cu)."""
+
+    _fields_ = [("done_seq", c_int), ("recv_total", c_int), ("recv_from", c_int * MAX_RANKS),
+                ("tokens_per_expert", c_int * MAX_LOCAL_EXPERTS), ("status", c_int * 4)]
+
+
+@dataclass
+class Handle:
+    """What combine needs to know about one dispatch."""
+
+    buffer_id: int
+    framework: str
+    num_tokens: int
+    token_slot: Any            # [T, R] int32: slot of token t at rank r, or -1
+    is_token_in_rank: Any      # [T, R] bool
+    recv_offsets: Any          # [R + 1] int32: first received row of each source; [R] is the total
+    num_recv: int | None       # received rows (None in non-blocking mode: read recv_offsets[R])
+    capacity: int              # rows of the receive tensors
+    recv_from: list[int] | None
+    tokens_per_expert_list: list[int] | None
+
+
+class DispatchResult(NamedTuple):
+    recv_x: Any
+    recv_topk_idx: Any
+    recv_topk_weights: Any
+    recv_scales: Any
+    tokens_per_expert: Any
+    handle: Handle
+
+
+_ids = itertools.count(1)
+
+
+def _gather_for(group: Any, size: int) -> Callable[[Any], list] | None:
+    module = type(group).__module__
+    if module.startswith("torch"):
+        import torch.distributed as dist
+
+        def gather(obj):
+            out = [None] * size
+            dist.all_gather_object(out, obj, group=group)
+            return out
+        return gather
+    if module.startswith("paddle"):
+        import paddle.distributed as dist
+
+        def gather(obj):
+            out: list = []
+            dist.all_gather_object(out, obj, group=group)  # paddle appends to the list it is given
+            return out[-size:]
+        return gather
+    return None
+
+
+def _default_device(group: Any) -> int | None:
+    module = type(group).__module__
+    if module.startswith("torch"):
+        import torch
+        return torch.cuda.current_device()
+    if module.startswith("paddle"):
+        import paddle
+        return int(paddle.device.get_device().split(":")[1])
+    return None
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+class Buffer:
+    def __init__(self, group: Any, hidden: int, num_experts: int, topk: int, max_tokens_per_rank: int,
+                 dtype: str = "bf16", num_sms: int = 24, *, device: int | None = None,
+                 all_gather: Callable[[Any], list] | None = None, timeout_s: float = 60.0) -> None:
+        """`group`: a torch or paddle process group, or a GroupInfo (then pass `device` and,
+        for more than one member, `all_gather(obj) -> list` in group-rank order)."""
+        self.group = GroupInfo.resolve(group)
+        R = self.group.size
+        self.hidden, self.num_experts, self.topk = hidden, num_experts, topk
+        self.max_tokens = _positive("max_tokens_per_rank", max_tokens_per_rank)
+        self.dtype = canonical_dtype(dtype)
+        if R > MAX_RANKS or num_experts // max(R, 1) > MAX_LOCAL_EXPERTS:
+            raise ValueError(f"group: expected at most {MAX_RANKS} ranks and {MAX_LOCAL_EXPERTS} experts per rank, "
+                             f"got {R} ranks and {num_experts} experts")
+        self.device = device if device is not None else _default_device(group)
+        if self.device is None:
+            raise ValueError("device: expected the CUDA device ordinal when group is a GroupInfo, got None")
+        gather = all_gather or _gather_for(group, R) or (lambda obj: [obj] if R == 1 else None)
+        if R > 1 and all_gather is None and _gather_for(group, R) is None:
+            raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
+        use_device(self.device)
+        sm_count = device_attribute(self.device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        self.num_sms = _positive("num_sms", num_sms)
+        if num_sms > sm_count:
+            raise ValueError(f"num_sms: expected at most the device's {sm_count} SMs, got {num_sms}")
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.timeout_s = timeout_s
+        self.id = next(_ids)
+
+        # every kernel this Buffer will launch: compiled or loaded now, never on a later call
+        specs = buffer_specs(hidden=hidden, num_experts=num_experts, topk=topk, dtype=self.dtype,
+                             members=self.group.members, arch=device_arch(self.device))
+        self.modules = {s.template: Module(get_kernel(s), self.device) for s in specs}
+
+        elem = 1 if self.dtype == "fp8_e4m3" else 2
+        self.layout, size = plan_layout(num_ranks=R, num_experts=num_experts, hidden=hidden, topk=topk,
+                                        max_tokens=self.max_tokens, elem_size=elem)
+        self._gather = gather
+        self.sym = SymmetricBuffer(self.group, size, self.device, gather)
+        self._workspace = check(driver.cuMemAlloc(4 * (4 + R + num_experts)), "cuMemAlloc(workspace)")
+        check(driver.cuMemsetD8(self._workspace, 0, 4 * (4 + R + num_experts)), "cuMemsetD8(workspace)")
+        ws = int(self._workspace)
+        self._counters, self._tokens_per_rank, self._tokens_per_expert = ws, ws + 16, ws + 16 + 4 * R
+        self._host_mailbox = check(driver.cuMemHostAlloc(ctypes.sizeof(Mailbox), driver.CU_MEMHOSTALLOC_DEVICEMAP |
+                                                         driver.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(mailbox)")
+        ctypes.memset(self._host_mailbox, 0, ctypes.sizeof(Mailbox))
+        self.mailbox = Mailbox.from_address(self._host_mailbox)
+        self._mailbox_dev = int(check(driver.cuMemHostGetDevicePointer(self._host_mailbox, 0),
+                                      "cuMemHostGetDevicePointer"))
+        self._status_dev = self._mailbox_dev + Mailbox.status.offset
+        self._finalizer = weakref.finalize(self, _free_buffer, self.device, self._workspace, self._host_mailbox)
+        self._seq = 0
+        self._last_dispatch = 0
+        self._last_combine = 0
+        self.closed = False
+
+    # ---- checks ---------------------------------------------------------------
+
+    def _check_status(self) -> None:
+        if self.closed:
+            raise EPJitError("Buffer: it is closed")
+        error, bad, overflow, _ = self.mailbox.status
+        if error:
+            phase, peer = error >> 16, (error & 0xFFFF) - 1
+            self.closed = True
+            raise PeerTimeout(f"rank {peer} (global rank {self.group.members[peer]}) did not respond within "
+                              f"{self.timeout_s:g} s in {PHASES.get(phase, phase)}; this Buffer is unusable")
+        if bad:
+            self.mailbox.status[1] = 0
+            raise ValueError(f"topk_idx: expected ids in [-1, {self.num_experts}), got an id outside that range at "
+                             f"flat index {bad - 1} of an earlier non-blocking dispatch")
+        if overflow:
+            self.mailbox.status[2] = 0
+            raise ValueError(f"capacity: expected at least {overflow} rows for an earlier non-blocking dispatch; "
+                             "the rows past the capacity were dropped")
+
+    def _tensor(self, adapter: Adapter, name: str, t: Any, dtype: str, shape: tuple, framework: str) -> None:
+        if type(t).__module__.split(".")[0] != framework:
+            raise TypeError(f"{name}: expected a {framework} tensor like x, got {type(t).__module__}.{type(t).__name__}")
+        if adapter.device(t) != self.device:
+            raise ValueError(f"{name}: expected a tensor on cuda:{self.device}, got device {adapter.device(t)}")
+        if adapter.dtype(t) != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype}, got {adapter.dtype(t)}")
+        if adapter.shape(t) != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(adapter.shape(t))}")
+        if not adapter.is_contiguous(t):
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides that are not row-major")
+
+    def _check_topk_range(self, adapter: Adapter, topk_idx: Any, stream: int, count: int) -> None:
+        """Host check of the ids before any launch (default mode only: it waits for the stream)."""
+        import numpy as np
+        host = np.empty(count, dtype=np.int64)
+        check(driver.cuMemcpyDtoHAsync(host.ctypes.data, adapter.pointer(topk_idx), host.nbytes, stream),
+              "cuMemcpyDtoHAsync(topk_idx)")
+        check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        bad = np.flatnonzero((host < -1) | (host >= self.num_experts))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"topk_idx: expected ids in [-1, {self.num_experts}), got {int(host[i])} at "
+                             f"[{i // self.topk}, {i % self.topk}]")
+
+    # ---- dispatch ---------------------------------------------------------------
+
+    def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, scales: Any = None, stream: Any = None,
+                 capacity: int | None = None) -> DispatchResult:
+        """Send every token to the ranks that hold its experts.
+
+        Default: the host waits for the count exchange only and returns exact-size outputs.
+        `capacity=N`: never synchronises; outputs have N rows (rows past the count are
+        marked empty: ids -1, weights 0) and the count is `handle.recv_offsets[R]` on the
+        device, so the call can be captured in a CUDA graph.
+        """
+        self._check_status()
+        adapter = adapter_for(x)
+        fw = adapter.name
+        shape = adapter.shape(x)
+        if len(shape) != 2 or shape[1] != self.hidden:
+            raise ValueError(f"x: expected shape [T, {self.hidden}], got {list(shape)}")
+        T, H, K, R = shape[0], self.hidden, self.topk, self.group.size
+        if T > self.max_tokens:
+            raise ValueError(f"x: expected at most max_tokens_per_rank={self.max_tokens} tokens, got {T}")
+        self._tensor(adapter, "x", x, self.dtype, (T, H), fw)
+        self._tensor(adapter, "topk_idx", topk_idx, "int64", (T, K), fw)
+        self._tensor(adapter, "topk_weights", topk_weights, "float32", (T, K), fw)
+        fp8 = self.dtype == "fp8_e4m3"
+        if fp8:
+            if scales is None:
+                raise ValueError(f"scales: expected float32 [T, {H // 128}] for fp8 dispatch, got None")
+            self._tensor(adapter, "scales", scales, "float32", (T, H // 128), fw)
+        elif scales is not None:
+            raise ValueError("scales: expected None for a bf16 Buffer, got a tensor")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+            raise ValueError(f"capacity: expected a non-negative int or None, got {capacity!r}")
+        s = resolve_stream(stream, adapter, self.device)
+        use_device(self.device)
+        if capacity is None and T:
+            self._check_topk_range(adapter, topk_idx, s, T * K)
+
+        self._seq += 1
+        seq, prev = self._seq, self._last_dispatch
+        self._last_dispatch = seq
+        token_slot = adapter.empty((T, R), "int32", self.device, s)
+        in_rank = adapter.empty((T, R), "bool", self.device, s)
+        recv_offsets = adapter.empty((R + 1,), "int32", self.device, s)
+        expert_counts = adapter.empty((self.num_experts // R,), "int32", self.device, s)
+        p = adapter.pointer
+        L, peers, status = self.layout, self.sym.peer_table, self._status_dev
+        layout, notify, dispatch = self.modules["layout"], self.modules["notify"], self.modules["dispatch"]
+        layout[0].launch(R, LAYOUT_THREADS, Args([
+            c_void_p(p(topk_idx)), c_int(T), c_void_p(p(in_rank)), c_void_p(p(token_slot)),
+            c_void_p(self._tokens_per_rank), c_void_p(self._tokens_per_expert), c_void_p(status)]), s)
+        dispatch[0].launch(self.num_sms, COPY_THREADS, Args([
+            c_void_p(p(x)), c_void_p(p(scales) if fp8 else 0), c_void_p(p(topk_idx)), c_void_p(p(topk_weights)),
+            c_void_p(p(token_slot)), c_int(T), c_void_p(peers), L, c_int(self.group.rank), c_uint32(prev),
+            c_uint64(self.timeout_ns), c_void_p(status)]), s)
+        notify[0].launch(1, NOTIFY_THREADS, Args([
+            c_void_p(self._tokens_per_rank), c_void_p(self._tokens_per_expert), c_void_p(peers), L,
+            c_int(self.group.rank), c_uint32(seq), c_uint64(self.timeout_ns), c_void_p(status),
+            c_void_p(p(recv_offsets)), c_void_p(p(expert_counts)), c_void_p(self._mailbox_dev)]), s)
+
+        num_recv = recv_from = per_expert = None
+        if capacity is None:
+            self._wait_for_counts(seq)
+            num_recv = capacity = self.mailbox.recv_total
+            recv_from = list(self.mailbox.recv_from[:R])
+            per_expert = list(self.mailbox.tokens_per_expert[: self.num_experts // R])
+        recv_x = adapter.empty((capacity, H), self.dtype, self.device, s)
+        recv_idx = adapter.empty((capacity, K), "int64", self.device, s)
+        recv_w = adapter.empty((capacity, K), "float32", self.device, s)
+        recv_scales = adapter.empty((capacity, H // 128), "float32", self.device, s) if fp8 else None
+        dispatch[1].launch(self.num_sms, COPY_THREADS, Args([
+            c_void_p(p(recv_x)), c_void_p(p(recv_scales) if fp8 else 0), c_void_p(p(recv_idx)), c_void_p(p(recv_w)),
+            c_int(capacity), c_void_p(p(recv_offsets)), c_void_p(peers), L, c_int(self.group.rank), c_uint32(seq),
+            c_void_p(status), c_void_p(self._counters)]), s)
+        handle = Handle(self.id, fw, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from, per_expert)
+        return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle)
+
+    def _wait_for_counts(self, seq: int) -> None:
+        """Spin on mapped host memory until the count exchange of `seq` has landed."""
+        deadline = time.monotonic() + self.timeout_s + 1.0
+        spins = 0
+        while ctypes.c_int.from_address(self._host_mailbox).value != seq:
+            if self.mailbox.status[0]:
+                self._check_status()
+            spins += 1
+            if spins > 10000:
+                if time.monotonic() > deadline:
+                    self.closed = True
+                    raise PeerTimeout(f"count exchange: no answer from the device within {self.timeout_s + 1:g} s")
+                time.sleep(20e-6)
+        self._check_status()
+
+    # ---- combine ----------------------------------------------------------------
+
+    def combine(self, y: Any, handle: Handle, stream: Any = None) -> Any:
+        """Bring expert outputs back: out[t] = sum over receiving ranks of their row for t,
+        accumulated in fp32, returned as bf16 [T, hidden]."""
+        self._check_status()
+        if not isinstance(handle, Handle) or handle.buffer_id != self.id:
+            raise ValueError(f"handle: expected a handle from this Buffer (id {self.id}), got "
+                             f"{getattr(handle, 'buffer_id', type(handle).__name__)}")
+        adapter = adapter_for(y)
+        if adapter.name != handle.framework:
+            raise TypeError(f"y: expected a {handle.framework} tensor like the dispatch inputs, got {adapter.name}")
+        rows = handle.num_recv if handle.num_recv is not None else handle.capacity
+        self._tensor(adapter, "y", y, "bf16", (rows, self.hidden), adapter.name)
+        s = resolve_stream(stream, adapter, self.device)
+        use_device(self.device)
+        self._seq += 1
+        seq, prev = self._seq, self._last_combine
+        self._last_combine = seq
+        out = adapter.empty((handle.num_tokens, self.hidden), "bf16", self.device, s)
+        p = adapter.pointer
+        L, peers, status, rank = self.layout, self.sym.peer_table, self._status_dev, self.group.rank
+        combine = self.modules["combine"]
+        combine[0].launch(self.num_sms, COPY_THREADS, Args([
+            c_void_p(p(y)), c_int(rows), c_void_p(p(handle.recv_offsets)), c_void_p(peers), L, c_int(rank),
+            c_uint32(seq), c_uint32(prev), c_uint64(self.timeout_ns), c_void_p(status),
+            c_void_p(self._counters + 4)]), s)
+        combine[1].launch(self.num_sms, COPY_THREADS, Args([
+            c_void_p(p(out)), c_void_p(p(handle.token_slot)), c_int(handle.num_tokens), c_void_p(peers), L,
+            c_int(rank), c_uint32(seq), c_uint64(self.timeout_ns), c_void_p(status),
+            c_void_p(self._counters + 8)]), s)
+        adapter.keep_alive([handle.token_slot, handle.recv_offsets], s)
+        return out
+
+    # ---- teardown ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the symmetric buffer and the workspaces (also done at exit). Collective: a
+        peer may still be reading this rank's memory until it has finished its last op."""
+        if not self._finalizer.alive:
+            return
+        self.closed = True
+        use_device(self.device)
+        check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+        self._gather(None)  # barrier: every member has finished its last operation
+        self.sym.close()
+        self._finalizer()
+
+    def __enter__(self) -> "Buffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

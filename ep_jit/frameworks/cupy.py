@@ -1,0 +1,51 @@
+"""CuPy adapter. bf16 and fp8 arrays use ml_dtypes' numpy dtypes where CuPy has them."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import cupy
+
+_NAMES = {"bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3", "float32": "float32", "int64": "int64",
+          "int32": "int32", "bool": "bool"}
+_NUMPY = {v: k for k, v in _NAMES.items()}
+
+
+class CupyAdapter:
+    name = "cupy"
+
+    def pointer(self, t: cupy.ndarray) -> int:
+        return t.data.ptr
+
+    def shape(self, t: cupy.ndarray) -> tuple[int, ...]:
+        return tuple(t.shape)
+
+    def dtype(self, t: cupy.ndarray) -> str:
+        return _NAMES.get(t.dtype.name, t.dtype.name)
+
+    def device(self, t: cupy.ndarray) -> int:
+        return t.device.id
+
+    def is_contiguous(self, t: cupy.ndarray) -> bool:
+        return t.flags.c_contiguous
+
+    def current_stream(self, device: int) -> int:
+        with cupy.cuda.Device(device):
+            return cupy.cuda.get_current_stream().ptr
+
+    def stream_handle(self, stream: Any) -> int | None:
+        return stream.ptr if isinstance(stream, cupy.cuda.Stream) else None
+
+    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int) -> cupy.ndarray:
+        import numpy
+        np_dtype = numpy.dtype(_NUMPY[dtype]) if dtype in ("float32", "int64", "int32", "bool") else _ml_dtype(dtype)
+        with cupy.cuda.Device(device):
+            return cupy.empty(tuple(shape), dtype=np_dtype)
+
+    def keep_alive(self, tensors: Sequence[cupy.ndarray], stream: int) -> None:
+        """CuPy's pool frees into the stream-ordered pool of the current stream; nothing to do."""
+
+
+def _ml_dtype(dtype: str):
+    import ml_dtypes
+    return {"bf16": ml_dtypes.bfloat16, "fp8_e4m3": ml_dtypes.float8_e4m3fn}[dtype]

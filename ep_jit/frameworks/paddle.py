@@ -1,0 +1,76 @@
+"""PaddlePaddle adapter (2.6 and 3.x; attributes are picked by capability, not version)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import paddle
+
+_NAMES = {"bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3", "float32": "float32", "int64": "int64",
+          "int32": "int32", "bool": "bool"}
+_PADDLE = {v: k for k, v in _NAMES.items()}
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).split(".")[-1]  # paddle.bfloat16 / VarType.BF16 / DataType.BFLOAT16 -> last part
+
+
+def stream_handle_of(stream: Any) -> int | None:
+    """A paddle stream's raw handle: __cuda_stream__ (3.3+), else stream_base.cuda_stream."""
+    protocol = getattr(stream, "__cuda_stream__", None)
+    if protocol is not None:
+        return int((protocol() if callable(protocol) else protocol)[1])
+    base = getattr(stream, "stream_base", None)
+    if base is not None and hasattr(base, "cuda_stream"):
+        return int(base.cuda_stream)
+    if hasattr(stream, "cuda_stream"):
+        return int(stream.cuda_stream)
+    return None
+
+
+class PaddleAdapter:
+    name = "paddle"
+
+    def pointer(self, t: paddle.Tensor) -> int:
+        return t.data_ptr()  # includes a view's offset
+
+    def shape(self, t: paddle.Tensor) -> tuple[int, ...]:
+        return tuple(t.shape)
+
+    def dtype(self, t: paddle.Tensor) -> str:
+        name = _dtype_name(t.dtype).lower()
+        return _NAMES.get({"bf16": "bfloat16", "fp32": "float32", "float8_e4m3fn": "float8_e4m3fn"}.get(name, name),
+                          name)
+
+    def device(self, t: paddle.Tensor) -> int:
+        place = t.place
+        return place.gpu_device_id() if place.is_gpu_place() else -1
+
+    def is_contiguous(self, t: paddle.Tensor) -> bool:
+        shape, strides = list(t.shape), list(t.strides)
+        expected = 1
+        for size, stride in zip(reversed(shape), reversed(strides)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def current_stream(self, device: int) -> int:
+        handle = stream_handle_of(paddle.device.current_stream(f"gpu:{device}"))
+        if handle is None:
+            raise TypeError("paddle.device.current_stream() has neither __cuda_stream__ nor stream_base.cuda_stream")
+        return handle
+
+    def stream_handle(self, stream: Any) -> int | None:
+        return stream_handle_of(stream) if type(stream).__module__.startswith("paddle") else None
+
+    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int) -> paddle.Tensor:
+        current = paddle.device.get_device()
+        if current != f"gpu:{device}":
+            raise ValueError(f"device: expected paddle's current device to be gpu:{device} (the tensors' device), "
+                             f"got {current}; call paddle.device.set_device first")
+        return paddle.empty(list(shape), dtype=_PADDLE[dtype])
+
+    def keep_alive(self, tensors: Sequence[paddle.Tensor], stream: int) -> None:
+        """Paddle has no Tensor.record_stream in Python; the Buffer keeps references until
+        an event recorded on `stream` says the work is done."""

@@ -1,0 +1,118 @@
+"""Driver-level runtime: contexts, loading cubins as libraries, and launches.
+
+Kernels are loaded with cuLibraryLoadData (context-independent) and launched in the
+device's primary context, the one PyTorch, CuPy and Paddle use. Arguments are packed
+once into ctypes storage so a launch costs one cuLaunchKernel call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import time
+from typing import Sequence
+
+from cuda.bindings import driver
+
+from .config import log
+from .errors import EPJitError
+from .jit import KernelBinary
+
+SHARED_MEMORY_DEFAULT_LIMIT = 48 * 1024
+
+
+class CudaError(EPJitError):
+    """A CUDA driver call failed."""
+
+
+def check(result, what: str):
+    """Unwrap a cuda.bindings driver result tuple, raising CudaError on failure."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise CudaError(f"{what} failed: {name.decode() if name else err}")
+    return rest[0] if len(rest) == 1 else tuple(rest) if rest else None
+
+
+@functools.cache
+def _init() -> None:
+    check(driver.cuInit(0), "cuInit")
+
+
+@functools.cache
+def primary_context(device: int) -> driver.CUcontext:
+    _init()
+    dev = check(driver.cuDeviceGet(device), "cuDeviceGet")
+    return check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+
+
+def use_device(device: int) -> None:
+    """Make the device's primary context current on this thread (cheap if it already is)."""
+    ctx = primary_context(device)
+    if int(check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) != int(ctx):
+        check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+def device_attribute(device: int, attribute: driver.CUdevice_attribute) -> int:
+    _init()
+    return check(driver.cuDeviceGetAttribute(attribute, check(driver.cuDeviceGet(device), "cuDeviceGet")),
+                 f"cuDeviceGetAttribute({attribute.name})")
+
+
+def device_arch(device: int) -> str:
+    """sm_XY, with the 'a' suffix (arch-specific features) from Hopper on."""
+    attr = driver.CUdevice_attribute
+    major = device_attribute(device, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+    minor = device_attribute(device, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+
+
+class Args:
+    """Kernel arguments packed once into ctypes storage, as cuLaunchKernel wants them."""
+
+    __slots__ = ("values", "pointers", "address")
+
+    def __init__(self, values: Sequence[ctypes._SimpleCData | ctypes.Structure]) -> None:
+        self.values = list(values)
+        self.pointers = (ctypes.c_void_p * len(self.values))(*[ctypes.addressof(v) for v in self.values])
+        self.address = ctypes.addressof(self.pointers)
+
+
+class LoadedKernel:
+    """One kernel of a loaded library, ready to launch on a stream."""
+
+    def __init__(self, function: driver.CUfunction, name: str) -> None:
+        self.function = function
+        self.name = name
+        self._max_dynamic_smem = SHARED_MEMORY_DEFAULT_LIMIT
+
+    def launch(self, grid: int, block: int, args: Args, stream: int, shared_memory: int = 0) -> None:
+        if shared_memory > self._max_dynamic_smem:
+            check(driver.cuFuncSetAttribute(
+                self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_memory), f"opting {self.name} in to {shared_memory} bytes of shared memory")
+            self._max_dynamic_smem = shared_memory
+        err, = driver.cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, shared_memory, stream, args.address, 0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            check((err,), f"launching {self.name} (grid {grid}, block {block})")
+
+
+class Module:
+    """A KernelBinary loaded into the device's primary context."""
+
+    def __init__(self, binary: KernelBinary, device: int) -> None:
+        use_device(device)
+        start = time.perf_counter()
+        self.binary = binary
+        self.library = check(driver.cuLibraryLoadData(binary.cubin, None, None, 0, None, None, 0),
+                             f"loading {binary.spec.describe()} (key {binary.key[:16]})")
+        self.kernels = []
+        for index in range(len(binary.lowered_names)):
+            name = binary.symbol(index)
+            kernel = check(driver.cuLibraryGetKernel(self.library, name.encode()), f"cuLibraryGetKernel({name})")
+            self.kernels.append(LoadedKernel(check(driver.cuKernelGetFunction(kernel), "cuKernelGetFunction"),
+                                             binary.spec.name_expressions()[index]))
+        log.debug("loaded %s in %.2f ms", binary.spec.describe(), (time.perf_counter() - start) * 1e3)
+
+    def __getitem__(self, index: int) -> LoadedKernel:
+        return self.kernels[index]

@@ -1,0 +1,247 @@
+"""One rank of the multi-GPU EP checks (run by tests/gpu/test_ep_gpu.py, one process per GPU).
+
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. EP_TEST_SEED=.. python tests/ep_worker.py SUITE
+
+Every rank draws every rank's inputs from the shared seed, so each can build the CPU
+reference of what it must receive without communication. Prints "OK <suite> <n checks>".
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ep_reference import combine_reference, dispatch_reference, expert_output  # noqa: E402
+
+import ep_jit  # noqa: E402
+from ep_jit.buffer import PeerTimeout  # noqa: E402
+
+RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+SEED = int(os.environ.get("EP_TEST_SEED", "1234"))
+DEV = torch.device("cuda", RANK % torch.cuda.device_count())
+FP8 = torch.float8_e4m3fn
+
+
+def inputs(kind: str, E: int, K: int, H: int, dtype: str, max_t: int, seed: int):
+    """All ranks' (x, idx, weights, scales) on the CPU, for one routing kind."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(WORLD):
+        T = int(torch.randint(1, max_t + 1, (1,), generator=g))
+        if kind == "zero_on_one" and s == 1 % WORLD:
+            T = 0
+        if kind == "full":
+            T = max_t
+        xf = torch.randn(T, H, generator=g) * 3
+        idx = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K].to(torch.int64)
+        if kind == "skewed":  # most tokens go to the same few experts, on one rank
+            hot = torch.rand(T, generator=g) < 0.9
+            idx[hot] = torch.arange(K, dtype=torch.int64)
+        if kind == "empty":
+            idx[:] = -1
+        if kind in ("masked", "zero_on_one"):
+            idx[torch.rand(T, K, generator=g) < 0.3] = -1
+        w = torch.rand(T, K, generator=g)
+        if dtype == "fp8_e4m3":
+            blocks = xf.view(T, H // 128, 128)
+            scale = (blocks.abs().amax(dim=2) / 448.0).clamp(min=1e-4)
+            x = (blocks / scale.unsqueeze(2)).view(T, H).to(FP8)
+            out.append((x, idx, w, scale.float()))
+        else:
+            out.append((xf.to(torch.bfloat16), idx, w, None))
+    return out
+
+
+def poison():
+    """Fill freed allocator blocks with NaN bytes so unwritten outputs cannot pass."""
+    junk = torch.empty(64 << 20, dtype=torch.uint8, device=DEV)
+    junk.fill_(0xFF)
+    del junk
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16) if t.element_size() == 2 else t
+
+
+def check_round(buf, data, E, H, dtype, stream=None, capacity=None) -> None:
+    x, idx, w, sc = data[RANK]
+    g = [t.to(DEV) if t is not None else None for t in (x, idx, w, sc)]
+    poison()
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    ctx = torch.cuda.stream(stream) if stream is not None else torch.cuda.stream(torch.cuda.current_stream())
+    with ctx:
+        res = buf.dispatch(*g, stream=stream, capacity=capacity)
+        y_dev = expert_output(res.recv_x, res.recv_scales, RANK)
+        out = buf.combine(y_dev, res.handle, stream=stream)
+    (stream or torch.cuda.current_stream()).synchronize()
+    refs = [dispatch_reference([d[0] for d in data], [d[1] for d in data], [d[2] for d in data],
+                               [d[3] for d in data] if dtype == "fp8_e4m3" else None, r, WORLD, E)
+            for r in range(WORLD)]
+    ref = refs[RANK]
+    n = ref["x"].shape[0]
+    got_n = int(res.handle.recv_offsets[WORLD].item())
+    assert got_n == n, f"received {got_n} rows, expected {n}"
+    rows = slice(0, n)
+    assert torch.equal(bits(res.recv_x[rows].cpu()), bits(ref["x"])), "recv_x differs"
+    assert torch.equal(res.recv_topk_idx[rows].cpu(), ref["idx"]), "recv_topk_idx differs"
+    assert torch.equal(res.recv_topk_weights[rows].cpu(), ref["weights"]), "recv_topk_weights differs"
+    if dtype == "fp8_e4m3":
+        assert torch.equal(res.recv_scales[rows].cpu(), ref["scales"]), "recv_scales differ"
+    assert res.tokens_per_expert.cpu().tolist() == ref["tokens_per_expert"], "tokens_per_expert differs"
+    if capacity is None:
+        assert res.handle.tokens_per_expert_list == ref["tokens_per_expert"]
+        assert res.recv_x.shape[0] == n
+    else:
+        assert res.recv_x.shape[0] == capacity
+        assert bool((res.recv_topk_idx[n:] == -1).all()) and bool((res.recv_topk_weights[n:] == 0).all())
+    ys = [expert_output(refs[r]["x"], refs[r]["scales"], r) for r in range(WORLD)]
+    want = combine_reference(x.shape[0], H, refs, ys, RANK)
+    got = out.float().cpu()
+    assert out.shape == (x.shape[0], H) and out.dtype == torch.bfloat16
+    tol = want.abs() * 2.0 ** -7 + 1e-30
+    bad = ((got - want).abs() > tol) | got.isnan()
+    assert not bool(bad.any()), f"combine differs at {int(bad.sum())} elements, max err {(got - want).abs().max()}"
+
+
+SHAPES = [(2048, 8, 1), (2048, 8, 2), (2048, 64, 8), (7168, 64, 2), (7168, 256, 8), (2048, 256, 8)]
+KINDS = ["random", "skewed", "empty", "masked", "zero_on_one", "full"]
+
+
+def suite_full() -> int:
+    n = 0
+    side = torch.cuda.Stream(DEV)
+    for (H, E, K), dtype in [*[(s, "bf16") for s in SHAPES], ((7168, 256, 8), "fp8_e4m3"), ((2048, 64, 2), "fp8_e4m3")]:
+        if E % WORLD:
+            continue
+        with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=256, dtype=dtype, num_sms=8) as buf:
+            for i, kind in enumerate(KINDS):
+                data = inputs(kind, E, K, H, dtype, 256, SEED + 1000 * n + i)
+                check_round(buf, data, E, H, dtype)
+                check_round(buf, data, E, H, dtype, stream=side)             # non-default stream
+                check_round(buf, data, E, H, dtype, capacity=WORLD * 256)    # non-blocking mode
+                n += 3
+    return n
+
+
+def suite_rounds() -> int:
+    H, E, K = 7168, 256, 8
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=128, num_sms=24) as buf:
+        data = inputs("random", E, K, H, "bf16", 128, SEED)
+        g = [t.to(DEV) if t is not None else None for t in data[RANK]]
+        first = None
+        for i in range(1000):
+            res = buf.dispatch(*g)
+            out = buf.combine(expert_output(res.recv_x, None, RANK), res.handle)
+            if i % 250 == 0 or i == 999:
+                if first is None:
+                    first = out.clone()
+                assert torch.equal(bits(out), bits(first)), f"round {i} drifted"
+        check_round(buf, data, E, H, "bf16")
+    return 1000
+
+
+def expect(exc_type, needle, fn):
+    try:
+        fn()
+    except exc_type as e:
+        assert needle in str(e), f"{needle!r} not in {e!r}"
+        return 1
+    raise AssertionError(f"expected {exc_type.__name__} with {needle!r}")
+
+
+def suite_errors() -> int:
+    H, E, K = 2048, 64, 2
+    n = 0
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=64, num_sms=4) as buf, \
+            ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=64, num_sms=4) as other:
+        x = torch.randn(32, H, device=DEV).bfloat16()
+        idx = torch.randint(0, E, (32, K), device=DEV)
+        w = torch.rand(32, K, device=DEV)
+        n += expect(TypeError, "x: expected dtype bf16, got float32", lambda: buf.dispatch(x.float(), idx, w))
+        n += expect(ValueError, "x: expected shape [T, 2048]", lambda: buf.dispatch(x[:, :1024], idx, w))
+        n += expect(ValueError, "topk_idx: expected shape [32, 2]", lambda: buf.dispatch(x, idx[:, :1], w))
+        n += expect(TypeError, "topk_idx: expected dtype int64, got int32", lambda: buf.dispatch(x, idx.int(), w))
+        n += expect(ValueError, "x: expected a tensor on cuda", lambda: buf.dispatch(x.cpu(), idx, w))
+        n += expect(ValueError, "contiguous", lambda: buf.dispatch(x, idx.t().contiguous().t(), w))
+        n += expect(ValueError, "max_tokens_per_rank=64", lambda: buf.dispatch(
+            torch.randn(65, H, device=DEV).bfloat16(), idx.repeat(3, 1)[:65], w.repeat(3, 1)[:65]))
+        bad = idx.clone()
+        bad[5, 1] = E
+        n += expect(ValueError, f"topk_idx: expected ids in [-1, {E}), got {E} at [5, 1]", lambda: buf.dispatch(x, bad, w))
+        n += expect(ValueError, "scales: expected None", lambda: buf.dispatch(x, idx, w, scales=w))
+        res = buf.dispatch(x, idx, w)  # the group still works after all that
+        y = expert_output(res.recv_x, None, RANK)
+        n += expect(ValueError, "handle: expected a handle from this Buffer", lambda: other.combine(y, res.handle))
+        n += expect(ValueError, "y: expected shape", lambda: buf.combine(y[:-1] if y.shape[0] else
+                                                                         torch.empty(1, H, device=DEV).bfloat16(), res.handle))
+        try:
+            import cupy
+            n += expect(TypeError, "topk_idx: expected a torch tensor", lambda: buf.dispatch(x, cupy.asarray(idx), w))
+        except ImportError:
+            pass
+        buf.combine(y, res.handle)
+        torch.cuda.synchronize()
+    return n
+
+
+def suite_timeout() -> int:
+    with ep_jit.Buffer(dist.group.WORLD, 2048, 8, 2, max_tokens_per_rank=16, num_sms=2, timeout_s=3) as buf:
+        x = torch.randn(8, 2048, device=DEV).bfloat16()
+        idx = torch.randint(0, 8, (8, 2), device=DEV)
+        w = torch.rand(8, 2, device=DEV)
+        if RANK == 0:
+            t0 = time.time()
+            expect(PeerTimeout, "rank 1 (global rank 1) did not respond within 3 s in count exchange",
+                   lambda: buf.dispatch(x, idx, w))
+            assert time.time() - t0 < 10
+        dist.barrier()
+        buf.closed = True  # the group is broken; free without the collective close
+        buf._finalizer()
+        buf.sym.close()
+    return 1
+
+
+def suite_cupy() -> int:
+    import cupy
+    H, E, K = 2048, 64, 8
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=128, num_sms=8) as buf:
+        data = inputs("masked", E, K, H, "bf16", 128, SEED + 7)
+        x, idx, w, _ = data[RANK]
+        cx = cupy.asarray(x.view(torch.int16).numpy()).view(_cupy_bf16())
+        res = buf.dispatch(cx, cupy.asarray(idx.numpy()), cupy.asarray(w.numpy()))
+        assert type(res.recv_x).__module__.startswith("cupy")
+        ref = dispatch_reference([d[0] for d in data], [d[1] for d in data], [d[2] for d in data], None, RANK, WORLD, E)
+        got = torch.from_numpy(cupy.asnumpy(res.recv_x.view(cupy.int16)))
+        assert torch.equal(got, bits(ref["x"])) and torch.equal(torch.from_numpy(cupy.asnumpy(res.recv_topk_idx)), ref["idx"])
+        y = cupy.asarray(bits(expert_output(ref["x"], None, RANK)).numpy()).view(_cupy_bf16())
+        out = buf.combine(y, res.handle)
+        cupy.cuda.get_current_stream().synchronize()
+        refs = [dispatch_reference([d[0] for d in data], [d[1] for d in data], [d[2] for d in data], None, r, WORLD, E)
+                for r in range(WORLD)]
+        want = combine_reference(x.shape[0], H, refs, [expert_output(r["x"], None, i) for i, r in enumerate(refs)], RANK)
+        got = torch.from_numpy(cupy.asnumpy(out.view(cupy.int16))).view(torch.bfloat16).float()
+        assert bool(((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-30).all())
+    return 2
+
+
+def _cupy_bf16():
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+
+
+if __name__ == "__main__":
+    torch.cuda.set_device(DEV)
+    dist.init_process_group("nccl", device_id=DEV)
+    suite = sys.argv[1]
+    try:
+        count = globals()[f"suite_{suite}"]()
+        dist.barrier()
+        print(f"OK {suite} {count}", flush=True)
+    finally:
+        dist.destroy_process_group()

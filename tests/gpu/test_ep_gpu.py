@@ -1,0 +1,69 @@
+"""Intra-node dispatch/combine on real GPUs: one process per GPU, checked against a CPU
+reference (tests/ep_reference.py). Skipped without enough GPUs."""
+
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import GPU_COUNT, REPO
+
+WORKER = REPO / "tests" / "ep_worker.py"
+
+
+def run_ranks(suite: str, world: int, timeout: int = 900) -> list[str]:
+    if GPU_COUNT < world:
+        pytest.skip(f"needs {world} GPUs, found {GPU_COUNT}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seed = random.randrange(1 << 30)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "EP_TEST_SEED": str(seed)}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), suite], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out)
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"OK {suite}" in out, f"rank {r} (seed {seed}):\n{out[-4000:]}"
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_dispatch_combine_match_reference(world):
+    run_ranks("full", world)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_thousand_rounds(world):
+    run_ranks("rounds", world)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2])
+def test_bad_input_raises_before_launch(world):
+    run_ranks("errors", world)
+
+
+@pytest.mark.gpu
+def test_stuck_peer_names_rank_and_phase():
+    run_ranks("timeout", 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_cupy_arrays(world):
+    pytest.importorskip("cupy")
+    run_ranks("cupy", world)
