@@ -47,6 +47,13 @@ class PeerTimeout(EPJitError):
     """A peer did not reach a phase in time; the Buffer cannot be used any more."""
 
 
+class Status(ctypes.Structure):
+    """Status words: the kernels' device copy and the host copy they mirror into
+    (mirrors `struct Status` in templates/ep_common.cuh)."""
+
+    _fields_ = [("device", c_void_p), ("host", c_void_p)]
+
+
 class Mailbox(ctypes.Structure):
     """Mapped pinned host memory written by the kernels (mirrors templates/notify.cu)."""
 
@@ -131,7 +138,7 @@ class Buffer:
         self.hidden, self.num_experts, self.topk = hidden, num_experts, topk
         self.max_tokens = _positive("max_tokens_per_rank", max_tokens_per_rank)
         self.dtype = canonical_dtype(dtype)
-        if R > MAX_RANKS or num_experts // max(R, 1) > MAX_LOCAL_EXPERTS:
+        if isinstance(num_experts, int) and (R > MAX_RANKS or num_experts // R > MAX_LOCAL_EXPERTS):
             raise ValueError(f"group: expected at most {MAX_RANKS} ranks and {MAX_LOCAL_EXPERTS} experts per rank, "
                              f"got {R} ranks and {num_experts} experts")
         self.device = device if device is not None else _default_device(group)
@@ -159,17 +166,19 @@ class Buffer:
                                         max_tokens=self.max_tokens, elem_size=elem)
         self._gather = gather
         self.sym = SymmetricBuffer(self.group, size, self.device, gather)
-        self._workspace = check(driver.cuMemAlloc(4 * (4 + R + num_experts)), "cuMemAlloc(workspace)")
-        check(driver.cuMemsetD8(self._workspace, 0, 4 * (4 + R + num_experts)), "cuMemsetD8(workspace)")
+        ws_bytes = 4 * (8 + R + num_experts)  # counters[4], status[4], tokens per rank, tokens per expert
+        self._workspace = check(driver.cuMemAlloc(ws_bytes), "cuMemAlloc(workspace)")
+        check(driver.cuMemsetD8(self._workspace, 0, ws_bytes), "cuMemsetD8(workspace)")
         ws = int(self._workspace)
-        self._counters, self._tokens_per_rank, self._tokens_per_expert = ws, ws + 16, ws + 16 + 4 * R
+        self._counters, self._status_words = ws, ws + 16
+        self._tokens_per_rank, self._tokens_per_expert = ws + 32, ws + 32 + 4 * R
         self._host_mailbox = check(driver.cuMemHostAlloc(ctypes.sizeof(Mailbox), driver.CU_MEMHOSTALLOC_DEVICEMAP |
                                                          driver.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(mailbox)")
         ctypes.memset(self._host_mailbox, 0, ctypes.sizeof(Mailbox))
         self.mailbox = Mailbox.from_address(self._host_mailbox)
         self._mailbox_dev = int(check(driver.cuMemHostGetDevicePointer(self._host_mailbox, 0),
                                       "cuMemHostGetDevicePointer"))
-        self._status_dev = self._mailbox_dev + Mailbox.status.offset
+        self._status = Status(self._status_words, self._mailbox_dev + Mailbox.status.offset)
         self._finalizer = weakref.finalize(self, _free_buffer, self.device, self._workspace, self._host_mailbox)
         self._seq = 0
         self._last_dispatch = 0
@@ -188,13 +197,17 @@ class Buffer:
             raise PeerTimeout(f"rank {peer} (global rank {self.group.members[peer]}) did not respond within "
                               f"{self.timeout_s:g} s in {PHASES.get(phase, phase)}; this Buffer is unusable")
         if bad:
-            self.mailbox.status[1] = 0
+            self._clear_status(1)
             raise ValueError(f"topk_idx: expected ids in [-1, {self.num_experts}), got an id outside that range at "
                              f"flat index {bad - 1} of an earlier non-blocking dispatch")
         if overflow:
-            self.mailbox.status[2] = 0
+            self._clear_status(2)
             raise ValueError(f"capacity: expected at least {overflow} rows for an earlier non-blocking dispatch; "
                              "the rows past the capacity were dropped")
+
+    def _clear_status(self, word: int) -> None:
+        self.mailbox.status[word] = 0
+        check(driver.cuMemsetD32(self._status_words + 4 * word, 0, 1), "cuMemsetD32(status)")
 
     def _tensor(self, adapter: Adapter, name: str, t: Any, dtype: str, shape: tuple, framework: str) -> None:
         if type(t).__module__.split(".")[0] != framework:
@@ -266,18 +279,18 @@ class Buffer:
         recv_offsets = adapter.empty((R + 1,), "int32", self.device, s)
         expert_counts = adapter.empty((self.num_experts // R,), "int32", self.device, s)
         p = adapter.pointer
-        L, peers, status = self.layout, self.sym.peer_table, self._status_dev
+        L, peers, status = self.layout, self.sym.peer_table, self._status
         layout, notify, dispatch = self.modules["layout"], self.modules["notify"], self.modules["dispatch"]
         layout[0].launch(R, LAYOUT_THREADS, Args([
             c_void_p(p(topk_idx)), c_int(T), c_void_p(p(in_rank)), c_void_p(p(token_slot)),
-            c_void_p(self._tokens_per_rank), c_void_p(self._tokens_per_expert), c_void_p(status)]), s)
+            c_void_p(self._tokens_per_rank), c_void_p(self._tokens_per_expert), status]), s)
         dispatch[0].launch(self.num_sms, COPY_THREADS, Args([
             c_void_p(p(x)), c_void_p(p(scales) if fp8 else 0), c_void_p(p(topk_idx)), c_void_p(p(topk_weights)),
             c_void_p(p(token_slot)), c_int(T), c_void_p(peers), L, c_int(self.group.rank), c_uint32(prev),
-            c_uint64(self.timeout_ns), c_void_p(status)]), s)
+            c_uint64(self.timeout_ns), status]), s)
         notify[0].launch(1, NOTIFY_THREADS, Args([
             c_void_p(self._tokens_per_rank), c_void_p(self._tokens_per_expert), c_void_p(peers), L,
-            c_int(self.group.rank), c_uint32(seq), c_uint64(self.timeout_ns), c_void_p(status),
+            c_int(self.group.rank), c_uint32(seq), c_uint64(self.timeout_ns), status,
             c_void_p(p(recv_offsets)), c_void_p(p(expert_counts)), c_void_p(self._mailbox_dev)]), s)
 
         num_recv = recv_from = per_expert = None
@@ -293,7 +306,7 @@ class Buffer:
         dispatch[1].launch(self.num_sms, COPY_THREADS, Args([
             c_void_p(p(recv_x)), c_void_p(p(recv_scales) if fp8 else 0), c_void_p(p(recv_idx)), c_void_p(p(recv_w)),
             c_int(capacity), c_void_p(p(recv_offsets)), c_void_p(peers), L, c_int(self.group.rank), c_uint32(seq),
-            c_void_p(status), c_void_p(self._counters)]), s)
+            status, c_void_p(self._counters)]), s)
         handle = Handle(self.id, fw, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from, per_expert)
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle)
 
@@ -333,15 +346,15 @@ class Buffer:
         self._last_combine = seq
         out = adapter.empty((handle.num_tokens, self.hidden), "bf16", self.device, s)
         p = adapter.pointer
-        L, peers, status, rank = self.layout, self.sym.peer_table, self._status_dev, self.group.rank
+        L, peers, status, rank = self.layout, self.sym.peer_table, self._status, self.group.rank
         combine = self.modules["combine"]
         combine[0].launch(self.num_sms, COPY_THREADS, Args([
             c_void_p(p(y)), c_int(rows), c_void_p(p(handle.recv_offsets)), c_void_p(peers), L, c_int(rank),
-            c_uint32(seq), c_uint32(prev), c_uint64(self.timeout_ns), c_void_p(status),
+            c_uint32(seq), c_uint32(prev), c_uint64(self.timeout_ns), status,
             c_void_p(self._counters + 4)]), s)
         combine[1].launch(self.num_sms, COPY_THREADS, Args([
             c_void_p(p(out)), c_void_p(p(handle.token_slot)), c_int(handle.num_tokens), c_void_p(peers), L,
-            c_int(rank), c_uint32(seq), c_uint64(self.timeout_ns), c_void_p(status),
+            c_int(rank), c_uint32(seq), c_uint64(self.timeout_ns), status,
             c_void_p(self._counters + 8)]), s)
         adapter.keep_alive([handle.token_slot, handle.recv_offsets], s)
         return out

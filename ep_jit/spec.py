@@ -36,6 +36,7 @@ TEMPLATES: dict[str, Template] = {
     )
 }
 
+MAX_TOPK = 32  # the kernels give each top-k entry of a row one lane of a warp
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -72,8 +73,8 @@ class KernelSpec:
         if self.num_experts % self.num_ranks:
             raise ValueError(
                 f"num_experts: expected a multiple of num_ranks={self.num_ranks}, got {self.num_experts}")
-        if self.topk > self.num_experts:
-            raise ValueError(f"topk: expected at most num_experts={self.num_experts}, got {self.topk}")
+        if self.topk > min(self.num_experts, MAX_TOPK):
+            raise ValueError(f"topk: expected at most num_experts={self.num_experts} and {MAX_TOPK}, got {self.topk}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         if not isinstance(self.member_hash, str) or not _HEX64.match(self.member_hash):
             raise ValueError(f"member_hash: expected 64 lowercase hex digits, got {self.member_hash!r}")

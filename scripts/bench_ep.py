@@ -35,6 +35,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", type=Path, help="write the JSON results here")
+    p.add_argument("--profile", action="store_true", help="print per-kernel GPU times (torch.profiler) on rank 0")
     return p.parse_args()
 
 
@@ -51,6 +52,24 @@ def time_ms(fn, iters: int, warmup: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def profile(fn, label: str, show: bool) -> None:
+    """Per-kernel GPU times of 10 rounds, in launch order (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+    if show:
+        rows = [(e.time_range.start, e.name.split("<")[0].replace("void ep_jit::", ""), e.time_range.elapsed_us())
+                for e in prof.events() if e.device_type.name == "CUDA"]
+        rows.sort()
+        t0 = rows[0][0] if rows else 0
+        print(f"--- {label}: kernels of 10 rounds (start us, name, duration us) ---")
+        print(" ".join(f"{(start - t0):.0f}:{name}:{dur:.0f}" for start, name, dur in rows))
 
 
 def peer_copy_gbps(src_dev: int, dst_dev: int, nbytes: int = 1 << 30) -> float:
@@ -128,6 +147,9 @@ def rank_main(args: argparse.Namespace) -> None:
             d_ms = time_ms(lambda: buf.dispatch(x, idx, w, sc), args.iters, args.warmup)
             nb_ms = time_ms(lambda: buf.dispatch(x, idx, w, sc, capacity=world * T), args.iters, args.warmup)
             c_ms = time_ms(lambda: buf.combine(y, res.handle), args.iters, args.warmup)
+            if args.profile:  # every rank runs it (the ops are collective); rank 0 prints
+                profile(lambda: buf.dispatch(x, idx, w, sc), f"{dtype} dispatch", rank == 0)
+                profile(lambda: buf.combine(y, res.handle), f"{dtype} combine", rank == 0)
         (bx, *_), state = base.dispatch(x, idx, w, sc)
         assert bx.shape[0] == n
         bd_ms = time_ms(lambda: base.dispatch(x, idx, w, sc), args.iters, args.warmup)
@@ -176,6 +198,7 @@ def main() -> None:
             print(f"--- rank {r} ---\n{o[-3000:]}")
         sys.exit(1)
     line = next(l for l in outs[0].splitlines() if l.startswith("RESULTS "))
+    print("\n".join(l for l in outs[0].splitlines() if not l.startswith("RESULTS ")))
     summary = summarise(json.loads(line[len("RESULTS "):]), args)
     print(f"{args.world} GPUs, {args.tokens} tokens/rank, hidden {args.hidden}, {args.experts} experts, "
           f"top-{args.topk}, {args.sms} SMs; peer copy {summary['peer_copy_GBps']:.0f} GB/s")

@@ -18,12 +18,12 @@ template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsi
 __global__ void __launch_bounds__(kCombineThreads)
 push_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ recv_offsets,
             const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint32_t prev_seq,
-            uint64_t timeout_ns, int* error, int* counter) {
+            uint64_t timeout_ns, Status st, int* counter) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
     __shared__ int offsets[NUM_RANKS + 1];
-    if (ld_volatile(error) != 0) return;
+    if (failed(st)) return;
     if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(peers[rank], L, kCombineConsumed, make_flag(TAG, prev_seq),
-                                                     timeout_ns, error, kPhaseCombinePush))
+                                                     timeout_ns, st, kPhaseCombinePush))
         return;
     if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
     __syncthreads();
@@ -45,36 +45,50 @@ template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsi
 __global__ void __launch_bounds__(kCombineThreads)
 reduce_kernel(bf16* __restrict__ out, const int* __restrict__ token_slot, int num_tokens,
               const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint64_t timeout_ns,
-              int* error, int* counter) {
+              Status st, int* counter) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
-    if (ld_volatile(error) != 0) return;
+    if (failed(st)) return;
     const uint64_t my_base = peers[rank];
-    if (!block_wait_all<NUM_RANKS>(my_base, L, kCombinePushed, make_flag(TAG, seq), timeout_ns, error,
+    if (!block_wait_all<NUM_RANKS>(my_base, L, kCombinePushed, make_flag(TAG, seq), timeout_ns, st,
                                    kPhaseCombineReduce))
         return;
     const int4* rows = sym_ptr<const int4>(my_base, L.combine);
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
+    // several vectors per lane per step, so about eight 16-byte loads are in flight
+    constexpr int kU = NUM_RANKS >= 8 ? 1 : 8 / NUM_RANKS;
     for (int t = warp; t < num_tokens; t += num_warps) {
         int slot[NUM_RANKS];
 #pragma unroll
         for (int r = 0; r < NUM_RANKS; ++r) slot[r] = token_slot[static_cast<int64_t>(t) * NUM_RANKS + r];
-        for (int v = lane; v < kVecs; v += kWarpSize) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int v0 = lane; v0 < kVecs; v0 += kWarpSize * kU) {
+            int4 raw[kU][NUM_RANKS];
 #pragma unroll
-            for (int r = 0; r < NUM_RANKS; ++r) {
-                if (slot[r] < 0) continue;
-                const int4 raw = rows[(static_cast<int64_t>(r) * L.max_tokens + slot[r]) * kVecs + v];
-                const bf16* h = reinterpret_cast<const bf16*>(&raw);
+            for (int u = 0; u < kU; ++u)
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[i] += __bfloat162float(h[i]);
+                for (int r = 0; r < NUM_RANKS; ++r) {
+                    const int v = v0 + u * kWarpSize;
+                    if (v < kVecs && slot[r] >= 0) raw[u][r] = rows[(static_cast<int64_t>(r) * L.max_tokens + slot[r]) * kVecs + v];
+                }
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const int v = v0 + u * kWarpSize;
+                if (v >= kVecs) break;
+                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+                for (int r = 0; r < NUM_RANKS; ++r) {
+                    if (slot[r] < 0) continue;
+                    const bf16* h = reinterpret_cast<const bf16*>(&raw[u][r]);
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[i] += __bfloat162float(h[i]);
+                }
+                int4 packed;
+                bf16* o = reinterpret_cast<bf16*>(&packed);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16(acc[i]);
+                reinterpret_cast<int4*>(out)[static_cast<int64_t>(t) * kVecs + v] = packed;
             }
-            int4 packed;
-            bf16* o = reinterpret_cast<bf16*>(&packed);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16(acc[i]);
-            reinterpret_cast<int4*>(out)[static_cast<int64_t>(t) * kVecs + v] = packed;
         }
     }
     grid_done_post<NUM_RANKS>(counter, peers, L, kCombineConsumed, rank, make_flag(TAG, seq));

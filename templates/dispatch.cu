@@ -10,39 +10,27 @@
 //                warp per row, several rows in flight per SM. Expert ids become
 //                local ids (others -1, weight 0). Rows past the received count, up
 //                to the capacity, are marked empty (-1, 0); rows past the capacity are
-//                reported in status[2] and not copied.
+//                reported in status word 2 and not copied.
 #include "ep_common.cuh"
 
 namespace ep_jit {
 
 constexpr int kCopyThreads = 512;
 
-template <typename T>
-__device__ __forceinline__ void copy_row_meta(int lane, const int64_t* src_idx, const float* src_w,
-                                              int64_t* dst_idx, float* dst_w, int first_expert, int num_local,
-                                              int topk) {
-    for (int k = lane; k < topk; k += kWarpSize) {
-        const int64_t local = src_idx[k] - first_expert;
-        const bool mine = local >= 0 && local < num_local;
-        dst_idx[k] = mine ? local : -1;
-        dst_w[k] = mine ? src_w[k] : 0.0f;
-    }
-}
-
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kCopyThreads)
 stage_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
              const float* __restrict__ topk_weights, const int* __restrict__ token_slot, int num_tokens,
              const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t prev_seq, uint64_t timeout_ns,
-             int* error) {
+             Status st) {
     constexpr bool kFp8 = sizeof(T) == 1;
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kScales = HIDDEN / kScaleBlock;
     static_assert(HIDDEN * sizeof(T) % 16 == 0, "rows must be whole 16-byte vectors");
-    if (ld_volatile(error) != 0) return;
+    if (failed(st)) return;
     const uint64_t my_base = peers[rank];
     if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(TAG, prev_seq),
-                                                     timeout_ns, error, kPhaseStage))
+                                                     timeout_ns, st, kPhaseStage))
         return;
 
     const int lane = threadIdx.x % kWarpSize;
@@ -75,35 +63,55 @@ template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsi
 __global__ void __launch_bounds__(kCopyThreads)
 pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __restrict__ recv_idx,
             float* __restrict__ recv_weights, int capacity, const int* __restrict__ recv_offsets,
-            const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, int* error, int* counter) {
+            const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, Status st, int* counter) {
     constexpr bool kFp8 = sizeof(T) == 1;
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kScales = HIDDEN / kScaleBlock;
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
+    static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
     __shared__ int offsets[NUM_RANKS + 1];
-    if (ld_volatile(error) != 0) return;  // the count exchange failed: nothing valid to pull
+    if (failed(st)) return;  // the count exchange failed: nothing valid to pull
     if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
     __syncthreads();
     if (blockIdx.x == 0 && threadIdx.x == 0 && offsets[NUM_RANKS] > capacity)
-        atomicMax(error + 2, offsets[NUM_RANKS]);  // status[2]: rows that did not fit
+        report(st, 2, offsets[NUM_RANKS]);  // rows that did not fit
     const int total = min(offsets[NUM_RANKS], capacity);
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
-
-    int src = 0;
-    for (int j = warp; j < total; j += num_warps) {
-        while (j >= offsets[src + 1]) ++src;  // j only grows, so the source only moves forward
-        const uint64_t base = peers[src];
-        const int t = sym_ptr<const int>(base, L.send_index)[rank * L.max_tokens + (j - offsets[src])];
-        warp_copy(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * kVecs,
-                  sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * kVecs, kVecs, lane);
-        copy_row_meta<T>(lane, sym_ptr<const int64_t>(base, L.stage_idx) + t * TOPK,
-                         sym_ptr<const float>(base, L.stage_weights) + t * TOPK, recv_idx + static_cast<int64_t>(j) * TOPK,
-                         recv_weights + static_cast<int64_t>(j) * TOPK, rank * kLocal, kLocal, TOPK);
-        if constexpr (kFp8) {
-            const float* s = sym_ptr<const float>(base, L.stage_scales) + t * kScales;
-            for (int i = lane; i < kScales; i += kWarpSize) recv_scales[static_cast<int64_t>(j) * kScales + i] = s[i];
+    // Rows are taken 32 at a time per warp: lane i looks up the source and token of the
+    // i-th row first, so no row waits on a remote index read before its copy starts.
+    for (int j0 = warp * kWarpSize; j0 < total; j0 += num_warps * kWarpSize) {
+        const int mine = j0 + lane;
+        int my_src = 0, my_token = 0;
+        if (mine < total) {
+            while (mine >= offsets[my_src + 1]) ++my_src;
+            my_token = sym_ptr<const int>(peers[my_src], L.send_index)[rank * L.max_tokens + (mine - offsets[my_src])];
+        }
+        const int rows_here = min(kWarpSize, total - j0);
+        for (int i = 0; i < rows_here; ++i) {
+            const int j = j0 + i;
+            const int src = __shfl_sync(0xffffffffu, my_src, i);
+            const int t = __shfl_sync(0xffffffffu, my_token, i);
+            const uint64_t base = peers[src];
+            int64_t id = 0;
+            float wt = 0.0f;
+            if (lane < TOPK) {  // issue the small loads before the row's
+                id = sym_ptr<const int64_t>(base, L.stage_idx)[t * TOPK + lane];
+                wt = sym_ptr<const float>(base, L.stage_weights)[t * TOPK + lane];
+            }
+            warp_copy(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * kVecs,
+                      sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * kVecs, kVecs, lane);
+            if (lane < TOPK) {
+                const int64_t local = id - rank * kLocal;
+                const bool hit = local >= 0 && local < kLocal;
+                recv_idx[static_cast<int64_t>(j) * TOPK + lane] = hit ? local : -1;
+                recv_weights[static_cast<int64_t>(j) * TOPK + lane] = hit ? wt : 0.0f;
+            }
+            if constexpr (kFp8) {
+                const float* s = sym_ptr<const float>(base, L.stage_scales) + t * kScales;
+                for (int k = lane; k < kScales; k += kWarpSize) recv_scales[static_cast<int64_t>(j) * kScales + k] = s[k];
+            }
         }
     }
     for (int64_t i = static_cast<int64_t>(total) * TOPK + blockIdx.x * blockDim.x + threadIdx.x;

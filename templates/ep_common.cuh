@@ -87,26 +87,39 @@ __device__ __forceinline__ uint64_t global_time_ns() {
 
 __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 
-// Status words shared with the host (mapped pinned memory):
-//   status[0]  error: 0, or phase << 16 | (peer + 1) when a wait timed out
-//   status[1]  1 + flat index of the first top-k id outside [-1, E), else 0
-//   status[2]  received rows when they exceeded the non-blocking capacity, else 0
-// Kernels take `int* error` = &status[0].
-// The first failure wins; every later wait sees it and gives up at once.
-__device__ __forceinline__ void raise_error(int* error, int phase, int peer) {
-    atomicCAS(error, 0, (phase << 16) | (peer + 1));
-    __threadfence_system();
+// Status words. Kernels read the device copy (cheap); the first writer of a word also
+// stores it into the host copy (mapped pinned memory), which the host polls. Reading
+// mapped host memory from every warp would serialise on the bus, so kernels never do.
+//   [0] error: 0, or phase << 16 | (peer + 1) when a wait timed out
+//   [1] 1 + flat index of the first top-k id outside [-1, E), else 0
+//   [2] received rows when they exceeded the non-blocking capacity, else 0
+struct Status {
+    int* device;
+    int* host;
+};
+
+__device__ __forceinline__ bool failed(const Status& st) { return ld_volatile(st.device) != 0; }
+
+__device__ __forceinline__ void report(const Status& st, int word, int value) {
+    if (atomicCAS(st.device + word, 0, value) == 0) {
+        *reinterpret_cast<volatile int*>(st.host + word) = value;
+        __threadfence_system();
+    }
+}
+
+__device__ __forceinline__ void raise_error(const Status& st, int phase, int peer) {
+    report(st, 0, (phase << 16) | (peer + 1));
 }
 
 // Spin until *p == want. Gives up when the deadline passes or another wait has
 // already failed, so a dead peer becomes an error on the host instead of a hang.
-__device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint64_t timeout_ns, int* error,
+__device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint64_t timeout_ns, const Status& st,
                                           int phase, int peer) {
     const uint64_t deadline = global_time_ns() + timeout_ns;
     while (ld_acquire_sys(p) != want) {
-        if (ld_volatile(error) != 0) return false;
+        if (failed(st)) return false;
         if (global_time_ns() > deadline) {
-            raise_error(error, phase, peer);
+            raise_error(st, phase, peer);
             return false;
         }
         __nanosleep(32);
@@ -154,11 +167,11 @@ __device__ __forceinline__ uint64_t* flag_slot(uint64_t base, const SymLayout& L
 // Returns false (uniformly across the block) if any wait failed.
 template <int NUM_RANKS>
 __device__ __forceinline__ bool block_wait_all(uint64_t my_base, const SymLayout& L, int kind, uint64_t want,
-                                               uint64_t timeout_ns, int* error, int phase) {
+                                               uint64_t timeout_ns, const Status& st, int phase) {
     if (threadIdx.x < NUM_RANKS)
-        wait_flag(flag_slot(my_base, L, kind, threadIdx.x, NUM_RANKS), want, timeout_ns, error, phase, threadIdx.x);
+        wait_flag(flag_slot(my_base, L, kind, threadIdx.x, NUM_RANKS), want, timeout_ns, st, phase, threadIdx.x);
     __syncthreads();
-    return ld_volatile(error) == 0;
+    return !failed(st);
 }
 
 // The last block of the grid to get here posts `want` into slot [kind][rank] of every

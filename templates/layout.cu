@@ -7,7 +7,7 @@
 //                           index), -1 if t is not sent to r
 //   tokens_per_rank [R]     tokens sent to r
 //   tokens_per_expert [E]   (token, expert) pairs per expert
-// An id outside [-1, E) is ignored and reported once in status[1] (1 + its flat
+// An id outside [-1, E) is ignored and reported once in status word 1 (1 + its flat
 // index), so the exchange that follows stays consistent on every rank.
 // Block r owns every output about rank r, so no output needs zeroing and the
 // result does not depend on scheduling.
@@ -21,7 +21,7 @@ template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsi
 __global__ void __launch_bounds__(kLayoutThreads)
 layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens,
               bool* __restrict__ is_token_in_rank, int* __restrict__ token_slot,
-              int* __restrict__ tokens_per_rank, int* __restrict__ tokens_per_expert, int* status) {
+              int* __restrict__ tokens_per_rank, int* __restrict__ tokens_per_expert, Status st) {
     static_assert(NUM_EXPERTS % NUM_RANKS == 0, "experts must divide evenly among ranks");
     constexpr int kLocalExperts = NUM_EXPERTS / NUM_RANKS;
     __shared__ int expert_count[kLocalExperts];
@@ -40,7 +40,7 @@ layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens,
 #pragma unroll
             for (int k = 0; k < TOPK; ++k) {
                 const int64_t id = topk_idx[static_cast<int64_t>(t) * TOPK + k];
-                if (rank == 0 && (id < -1 || id >= NUM_EXPERTS)) atomicCAS(status + 1, 0, 1 + t * TOPK + k);
+                if (rank == 0 && (id < -1 || id >= NUM_EXPERTS)) report(st, 1, 1 + t * TOPK + k);
                 const int64_t e = id - first_expert;
                 if (id >= 0 && id < NUM_EXPERTS && e >= 0 && e < kLocalExperts) {
                     hit = 1;

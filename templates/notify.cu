@@ -21,12 +21,12 @@ template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsi
 __global__ void __launch_bounds__(128)
 notify_kernel(const int* __restrict__ tokens_per_rank, const int* __restrict__ tokens_per_expert,
               const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint64_t timeout_ns,
-              int* error, int* recv_offsets, int* local_expert_counts, Mailbox* mailbox) {
+              Status st, int* recv_offsets, int* local_expert_counts, Mailbox* mailbox) {
     static_assert(NUM_RANKS <= 64 && NUM_EXPERTS / NUM_RANKS <= 1024, "mailbox too small");
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kRow = 1 + kLocal;
     __shared__ int from[NUM_RANKS];
-    if (ld_volatile(error) != 0) return;
+    if (failed(st)) return;
     const uint64_t want = make_flag(TAG, seq);
     const uint64_t my_base = peers[rank];
 
@@ -40,7 +40,7 @@ notify_kernel(const int* __restrict__ tokens_per_rank, const int* __restrict__ t
         st_release_sys(flag_slot(peers[dst], L, kCountsReady, rank, NUM_RANKS), want);
     }
     // 2. wait for every source
-    if (!block_wait_all<NUM_RANKS>(my_base, L, kCountsReady, want, timeout_ns, error, kPhaseNotify)) return;
+    if (!block_wait_all<NUM_RANKS>(my_base, L, kCountsReady, want, timeout_ns, st, kPhaseNotify)) return;
     const int* counts = sym_ptr<int>(my_base, L.counts);
     if (threadIdx.x < NUM_RANKS) from[threadIdx.x] = counts[threadIdx.x * kRow];
     __syncthreads();
