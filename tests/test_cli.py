@@ -7,6 +7,9 @@ import pytest
 from conftest import run_cli
 from ep_jit import member_hash
 from ep_jit.cache import DiskCache
+from ep_jit.kernels import BUFFER_TEMPLATES
+
+N_TEMPLATES = len(BUFFER_TEMPLATES)
 
 
 def warm(*args, env=None):
@@ -30,7 +33,7 @@ def test_warm_flags_are_a_product_and_idempotent(cache_env):
     first = warm(*args)
     assert first.returncode == 0, first.stderr
     s = json.loads(first.stdout)
-    n = 2 * 2 * 2 * 2  # hidden x topk x dtype x groups
+    n = 2 * 2 * 2 * 2 * N_TEMPLATES  # hidden x topk x dtype x groups x kernels of a Buffer
     assert (s["specs"], s["compiled"], s["cached"], s["failed"]) == (n, n, 0, 0)
     assert s["seconds"] > 0
     second = json.loads(warm(*args).stdout)
@@ -42,19 +45,19 @@ def test_warm_preset_and_dry_run_write_nothing(cache_env):
     out = warm("--preset", "deepseek-v3", "--dry-run", "--json")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
-    assert plan["specs"] == 2 and not cache_env.exists()
+    assert plan["specs"] == 2 * N_TEMPLATES and not cache_env.exists()
     assert all("hidden=7168, experts=256, ranks=8, topk=8" in k["spec"] for k in plan["kernels"])
     real = json.loads(warm("--preset", "deepseek-v3", "--json").stdout)
     keys = {p.name.split(".")[0] for p in DiskCache(cache_env).entry_paths()}
-    assert real["compiled"] == 2 and keys == {k["key"] for k in plan["kernels"]}
+    assert real["compiled"] == 2 * N_TEMPLATES and keys == {k["key"] for k in plan["kernels"]}
 
 
 def test_warm_verifies_disk_hits_and_rebuilds_bad_ones(cache_env):
     warm("--preset", "tiny")
-    (path,) = DiskCache(cache_env).entry_paths()
+    path = next(DiskCache(cache_env).entry_paths())
     path.write_bytes(b"garbage")
     s = json.loads(warm("--preset", "tiny", "--json").stdout)
-    assert (s["cached"], s["compiled"]) == (0, 1)
+    assert (s["cached"], s["compiled"]) == (N_TEMPLATES - 1, 1)
     assert len(list((cache_env / "quarantine").iterdir())) == 1
 
 
@@ -66,7 +69,7 @@ def test_warm_plan_file_with_explicit_groups(cache_env, tmp_path):
     out = warm("--plan", str(plan), "--dry-run", "--json")
     assert out.returncode == 0, out.stderr
     specs = [k["spec"] for k in json.loads(out.stdout)["kernels"]]
-    assert len(specs) == 4
+    assert len(specs) == 4 * N_TEMPLATES
     assert any(f"group={member_hash([3, 2])[:12]}" in s for s in specs)
     assert any("arch=sm_100a" in s for s in specs)
 
@@ -77,8 +80,9 @@ def test_warm_reports_compile_failures(cache_env, template_copy):
     out = warm("--preset", "tiny", "--json", env={"EP_JIT_TEMPLATE_DIR": str(template_copy)})
     s = json.loads(out.stdout)
     assert out.returncode == 1 and s["failed"] == 1 and "NVRTC could not compile" in s["failures"][0]["error"]
+    assert s["compiled"] == N_TEMPLATES - 1
     again = json.loads(warm("--preset", "tiny", "--json", env={"EP_JIT_TEMPLATE_DIR": str(template_copy)}).stdout)
-    assert (again["failed"], again["compiled"]) == (1, 0)  # remembered, not compiled again
+    assert (again["failed"], again["compiled"], again["cached"]) == (1, 0, N_TEMPLATES - 1)  # remembered
 
 
 BAD_WARM = [
@@ -130,9 +134,11 @@ def warmed(cache_env):
 
 def test_inspect_list_show_stats(warmed):
     rows = json.loads(inspect("list", "--json").stdout)
-    assert len(rows) == 2 and {r["params"]["dtype"] for r in rows} == {"bf16", "fp8_e4m3"}
+    assert len(rows) == 2 * N_TEMPLATES and {r["params"]["dtype"] for r in rows} == {"bf16", "fp8_e4m3"}
+    assert {r["template"] for r in rows} == set(BUFFER_TEMPLATES)
+    rows = [r for r in rows if r["template"] == "layout"]
     for r in rows:
-        assert r["template"] == "layout" and r["arch"] == "sm_90a" and r["group"] == member_hash(range(8))
+        assert r["arch"] == "sm_90a" and r["group"] == member_hash(range(8))
         assert r["size"] > 0 and r["created"] and r["last_used"] and r["nvrtc"]
     text = inspect("list").stdout
     assert rows[0]["key"][:12] in text
@@ -142,7 +148,9 @@ def test_inspect_list_show_stats(warmed):
     assert "ep_common.cuh" in shown["headers"]
     assert "lowered names:" in inspect("show", rows[0]["key"][:10]).stdout
     stats = json.loads(inspect("stats", "--json").stdout)
-    assert (stats["entries"], stats["ok"], stats["corrupt"], stats["by_template"]) == (2, 2, 0, {"layout": 2})
+    n = 2 * N_TEMPLATES
+    assert (stats["entries"], stats["ok"], stats["corrupt"]) == (n, n, 0)
+    assert stats["by_template"] == {t: 2 for t in BUFFER_TEMPLATES}
     other = json.loads(inspect("stats", "--json", "--cache-dir", str(warmed.parent / "elsewhere")).stdout)
     assert other["entries"] == 0
 
@@ -164,13 +172,14 @@ def test_inspect_verify_and_fix(warmed):
 def test_inspect_prune_lru_first(warmed):
     paths = sorted(DiskCache(warmed).entry_paths())
     now = time.time()
-    os.utime(paths[0], (now - 10 * 86400, now - 10 * 86400))  # used ten days ago
-    dry = json.loads(inspect("prune", "--older-than", "7d", "--dry-run", "--json").stdout)
+    for age, path in enumerate(paths):  # paths[0] was used longest ago
+        os.utime(path, (now - (len(paths) - age) * 86400 - 3600, now - 20 * 86400))
+    dry = json.loads(inspect("prune", "--older-than", f"{len(paths) * 24 - 12}h", "--dry-run", "--json").stdout)
     assert dry["removed"] == [paths[0].name.split(".")[0]] and paths[0].exists()
-    size = paths[1].stat().st_size
-    out = json.loads(inspect("prune", "--max-size", str(size), "--json").stdout)
-    assert out["removed"] == [paths[0].name.split(".")[0]] and out["kept"] == 1  # least recently used goes
-    assert not paths[0].exists() and paths[1].exists()
+    keep = sum(p.stat().st_size for p in paths[-2:])
+    out = json.loads(inspect("prune", "--max-size", str(keep), "--json").stdout)
+    assert out["removed"] == [p.name.split(".")[0] for p in paths[:-2]] and out["kept"] == 2  # LRU first
+    assert not paths[0].exists() and paths[-1].exists() and paths[-2].exists()
     assert json.loads(inspect("prune", "--all", "--json").stdout)["kept"] == 0
     assert list(DiskCache(warmed).entry_paths()) == []
 
@@ -195,4 +204,4 @@ def test_inspect_launcher_script(warmed):
     from conftest import REPO
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "cache-inspect"), "stats", "--json"],
                          capture_output=True, text=True, env={**os.environ})
-    assert out.returncode == 0 and json.loads(out.stdout)["entries"] == 2
+    assert out.returncode == 0 and json.loads(out.stdout)["entries"] == 2 * N_TEMPLATES
