@@ -58,7 +58,8 @@ class Mailbox(ctypes.Structure):
     """Mapped pinned host memory written by the kernels (mirrors templates/notify.cu)."""
 
     _fields_ = [("done_seq", c_int), ("recv_total", c_int), ("recv_from", c_int * MAX_RANKS),
-                ("tokens_per_expert", c_int * MAX_LOCAL_EXPERTS), ("status", c_int * 4)]
+                ("tokens_per_expert", c_int * MAX_LOCAL_EXPERTS), ("bad_source", c_int), ("bad_index", c_int),
+                ("status", c_int * 4)]
 
 
 @dataclass
@@ -190,20 +191,35 @@ class Buffer:
     def _check_status(self) -> None:
         if self.closed:
             raise EPJitError("Buffer: it is closed")
-        error, bad, overflow, _ = self.mailbox.status
+        error, _, overflow, _ = self.mailbox.status
         if error:
             phase, peer = error >> 16, (error & 0xFFFF) - 1
             self.closed = True
             raise PeerTimeout(f"rank {peer} (global rank {self.group.members[peer]}) did not respond within "
                               f"{self.timeout_s:g} s in {PHASES.get(phase, phase)}; this Buffer is unusable")
-        if bad:
-            self._clear_status(1)
-            raise ValueError(f"topk_idx: expected ids in [-1, {self.num_experts}), got an id outside that range at "
-                             f"flat index {bad - 1} of an earlier non-blocking dispatch")
+        if self.mailbox.bad_source:
+            self._raise_bad_topk(None, None)
         if overflow:
             self._clear_status(2)
             raise ValueError(f"capacity: expected at least {overflow} rows for an earlier non-blocking dispatch; "
                              "the rows past the capacity were dropped")
+
+    def _raise_bad_topk(self, adapter: Adapter | None, topk_idx: Any) -> None:
+        """A rank passed an expert id outside [-1, E): every rank raises, naming it."""
+        source, flat = self.mailbox.bad_source - 1, self.mailbox.bad_index - 1
+        self.mailbox.bad_source = self.mailbox.bad_index = 0
+        self._clear_status(1)
+        where = f"[{flat // self.topk}, {flat % self.topk}]"
+        if source == self.group.rank and topk_idx is not None:
+            check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+            value = ctypes.c_int64()
+            check(driver.cuMemcpyDtoH(ctypes.addressof(value), adapter.pointer(topk_idx) + 8 * flat, 8),
+                  "cuMemcpyDtoH(topk_idx)")
+            raise ValueError(f"topk_idx: expected ids in [-1, {self.num_experts}), got {value.value} at {where}; "
+                             "no token was moved")
+        raise ValueError(f"topk_idx: expected ids in [-1, {self.num_experts}), but rank {source} passed an id outside "
+                         f"that range at {where} of its topk_idx; no token of this dispatch was moved" +
+                         ("" if topk_idx is not None else " (found after an earlier non-blocking dispatch)"))
 
     def _clear_status(self, word: int) -> None:
         self.mailbox.status[word] = 0
@@ -221,19 +237,6 @@ class Buffer:
         if not adapter.is_contiguous(t):
             raise ValueError(f"{name}: expected a contiguous tensor, got strides that are not row-major")
 
-    def _check_topk_range(self, adapter: Adapter, topk_idx: Any, stream: int, count: int) -> None:
-        """Host check of the ids before any launch (default mode only: it waits for the stream)."""
-        import numpy as np
-        host = np.empty(count, dtype=np.int64)
-        check(driver.cuMemcpyDtoHAsync(host.ctypes.data, adapter.pointer(topk_idx), host.nbytes, stream),
-              "cuMemcpyDtoHAsync(topk_idx)")
-        check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
-        bad = np.flatnonzero((host < -1) | (host >= self.num_experts))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"topk_idx: expected ids in [-1, {self.num_experts}), got {int(host[i])} at "
-                             f"[{i // self.topk}, {i % self.topk}]")
-
     # ---- dispatch ---------------------------------------------------------------
 
     def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, scales: Any = None, stream: Any = None,
@@ -241,6 +244,8 @@ class Buffer:
         """Send every token to the ranks that hold its experts.
 
         Default: the host waits for the count exchange only and returns exact-size outputs.
+        Expert ids outside [-1, E) on any rank are found during the count exchange: every
+        rank raises ValueError naming the rank and position, and no token moves.
         `capacity=N`: never synchronises; outputs have N rows (rows past the count are
         marked empty: ids -1, weights 0) and the count is `handle.recv_offsets[R]` on the
         device, so the call can be captured in a CUDA graph.
@@ -268,8 +273,6 @@ class Buffer:
             raise ValueError(f"capacity: expected a non-negative int or None, got {capacity!r}")
         s = resolve_stream(stream, adapter, self.device)
         use_device(self.device)
-        if capacity is None and T:
-            self._check_topk_range(adapter, topk_idx, s, T * K)
 
         self._seq += 1
         seq, prev = self._seq, self._last_dispatch
@@ -296,6 +299,11 @@ class Buffer:
         num_recv = recv_from = per_expert = None
         if capacity is None:
             self._wait_for_counts(seq)
+            if self.mailbox.bad_source:  # every rank learns it here; release the stage, then raise
+                dispatch[1].launch(self.num_sms, COPY_THREADS, Args([
+                    c_void_p(0), c_void_p(0), c_void_p(0), c_void_p(0), c_int(-1), c_void_p(p(recv_offsets)),
+                    c_void_p(peers), L, c_int(self.group.rank), c_uint32(seq), status, c_void_p(self._counters)]), s)
+                self._raise_bad_topk(adapter, topk_idx)
             num_recv = capacity = self.mailbox.recv_total
             recv_from = list(self.mailbox.recv_from[:R])
             per_expert = list(self.mailbox.tokens_per_expert[: self.num_experts // R])

@@ -34,7 +34,7 @@ def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max
     """Offsets of each region, and the total size in bytes."""
     sizes = [
         ("flags", NUM_FLAG_KINDS * num_ranks * 8),
-        ("counts", num_ranks * (1 + num_experts // num_ranks) * 4),
+        ("counts", num_ranks * (2 + num_experts // num_ranks) * 4),
         ("send_index", num_ranks * max_tokens * 4),
         ("stage_x", max_tokens * hidden * elem_size),
         ("stage_scales", max_tokens * (hidden // 128) * 4 if elem_size == 1 else 0),

@@ -10,7 +10,9 @@
 //                warp per row, several rows in flight per SM. Expert ids become
 //                local ids (others -1, weight 0). Rows past the received count, up
 //                to the capacity, are marked empty (-1, 0); rows past the capacity are
-//                reported in status word 2 and not copied.
+//                reported in status word 2 and not copied. capacity < 0 abandons the
+//                dispatch (a rank passed bad ids): nothing is copied, the stage is
+//                released.
 #include "ep_common.cuh"
 
 namespace ep_jit {
@@ -71,11 +73,11 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
     static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
     __shared__ int offsets[NUM_RANKS + 1];
     if (failed(st)) return;  // the count exchange failed: nothing valid to pull
-    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
+    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = capacity < 0 ? 0 : recv_offsets[threadIdx.x];
     __syncthreads();
-    if (blockIdx.x == 0 && threadIdx.x == 0 && offsets[NUM_RANKS] > capacity)
+    if (blockIdx.x == 0 && threadIdx.x == 0 && offsets[NUM_RANKS] > capacity && capacity >= 0)
         report(st, 2, offsets[NUM_RANKS]);  // rows that did not fit
-    const int total = min(offsets[NUM_RANKS], capacity);
+    const int total = min(offsets[NUM_RANKS], max(capacity, 0));
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
@@ -115,7 +117,7 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
         }
     }
     for (int64_t i = static_cast<int64_t>(total) * TOPK + blockIdx.x * blockDim.x + threadIdx.x;
-         i < static_cast<int64_t>(capacity) * TOPK; i += gridDim.x * blockDim.x) {
+         i < static_cast<int64_t>(max(capacity, 0)) * TOPK; i += gridDim.x * blockDim.x) {
         recv_idx[i] = -1;
         recv_weights[i] = 0.0f;
     }

@@ -133,7 +133,7 @@ __device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint
 
 struct SymLayout {
     long long flags;         // uint64 [kNumFlagKinds][R]: slot [kind][p] is written by peer p
-    long long counts;        // int [R][1 + E/R]: from source p, tokens for me, then per local expert
+    long long counts;        // int [R][2 + E/R]: from source p: tokens for me, per local expert, bad id
     long long send_index;    // int [R][max_tokens]: for destination r, slot -> my token index
     long long stage_x;       // T [max_tokens][H]: my tokens, staged for peers to pull
     long long stage_scales;  // float [max_tokens][H/128] (fp8 only)

@@ -172,8 +172,16 @@ def suite_errors() -> int:
         n += expect(ValueError, "max_tokens_per_rank=64", lambda: buf.dispatch(
             torch.randn(65, H, device=DEV).bfloat16(), idx.repeat(3, 1)[:65], w.repeat(3, 1)[:65]))
         bad = idx.clone()
-        bad[5, 1] = E
-        n += expect(ValueError, f"topk_idx: expected ids in [-1, {E}), got {E} at [5, 1]", lambda: buf.dispatch(x, bad, w))
+        if RANK == 1:  # one rank passes a bad id: every rank raises, naming it
+            bad[5, 1] = E
+        needle = f"got {E} at [5, 1]" if RANK == 1 else "rank 1 passed an id outside that range at [5, 1]"
+        n += expect(ValueError, needle, lambda: buf.dispatch(x, bad, w))
+        buf.dispatch(x, bad, w, capacity=64 * WORLD)  # non-blocking: reported once the device has found it
+        torch.cuda.synchronize()
+        n += expect(ValueError, "rank 1 passed an id outside that range at [5, 1]", lambda: buf.dispatch(x, idx, w))
+        buf.dispatch(x, idx, w, capacity=4)  # too small for what arrives
+        torch.cuda.synchronize()
+        n += expect(ValueError, "capacity: expected at least", lambda: buf.dispatch(x, idx, w))
         n += expect(ValueError, "scales: expected None", lambda: buf.dispatch(x, idx, w, scales=w))
         res = buf.dispatch(x, idx, w)  # the group still works after all that
         y = expert_output(res.recv_x, None, RANK)
