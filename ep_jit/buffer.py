@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 from cuda.bindings import driver
 
 from .errors import EPJitError
-from .frameworks import Adapter, adapter_for, resolve_stream
+from .frameworks import Adapter, adapter_for, group_device, object_all_gather, resolve_stream
 from .group import GroupInfo
 from .jit import get_kernel
 from .kernels import buffer_specs
@@ -31,6 +31,15 @@ PHASES = {1: "dispatch staging (waiting for peers to finish reading the previous
           4: "combine reduce (waiting for peers' expert outputs)"}
 MAX_RANKS, MAX_LOCAL_EXPERTS = 64, 1024
 LAYOUT_THREADS, COPY_THREADS, NOTIFY_THREADS = 256, 512, 128
+
+
+def _event_done(event: Any) -> bool:
+    (err,) = driver.cuEventQuery(event)
+    if err == driver.CUresult.CUDA_ERROR_NOT_READY:
+        return False
+    check((err,), "cuEventQuery")
+    check(driver.cuEventDestroy(event), "cuEventDestroy")
+    return True
 
 
 def _free_buffer(device: int, workspace: Any, mailbox: int) -> None:
@@ -90,38 +99,6 @@ class DispatchResult(NamedTuple):
 _ids = itertools.count(1)
 
 
-def _gather_for(group: Any, size: int) -> Callable[[Any], list] | None:
-    module = type(group).__module__
-    if module.startswith("torch"):
-        import torch.distributed as dist
-
-        def gather(obj):
-            out = [None] * size
-            dist.all_gather_object(out, obj, group=group)
-            return out
-        return gather
-    if module.startswith("paddle"):
-        import paddle.distributed as dist
-
-        def gather(obj):
-            out: list = []
-            dist.all_gather_object(out, obj, group=group)  # paddle appends to the list it is given
-            return out[-size:]
-        return gather
-    return None
-
-
-def _default_device(group: Any) -> int | None:
-    module = type(group).__module__
-    if module.startswith("torch"):
-        import torch
-        return torch.cuda.current_device()
-    if module.startswith("paddle"):
-        import paddle
-        return int(paddle.device.get_device().split(":")[1])
-    return None
-
-
 def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -142,12 +119,14 @@ class Buffer:
         if isinstance(num_experts, int) and (R > MAX_RANKS or num_experts // R > MAX_LOCAL_EXPERTS):
             raise ValueError(f"group: expected at most {MAX_RANKS} ranks and {MAX_LOCAL_EXPERTS} experts per rank, "
                              f"got {R} ranks and {num_experts} experts")
-        self.device = device if device is not None else _default_device(group)
+        self.device = device if device is not None else group_device(group)
         if self.device is None:
             raise ValueError("device: expected the CUDA device ordinal when group is a GroupInfo, got None")
-        gather = all_gather or _gather_for(group, R) or (lambda obj: [obj] if R == 1 else None)
-        if R > 1 and all_gather is None and _gather_for(group, R) is None:
-            raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
+        gather = all_gather or object_all_gather(group, R)
+        if gather is None:
+            if R > 1:
+                raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
+            gather = lambda obj: [obj]  # noqa: E731
         use_device(self.device)
         sm_count = device_attribute(self.device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         self.num_sms = _positive("num_sms", num_sms)
@@ -181,6 +160,7 @@ class Buffer:
                                       "cuMemHostGetDevicePointer"))
         self._status = Status(self._status_words, self._mailbox_dev + Mailbox.status.offset)
         self._finalizer = weakref.finalize(self, _free_buffer, self.device, self._workspace, self._host_mailbox)
+        self._retained: list[tuple[Any, list]] = []
         self._seq = 0
         self._last_dispatch = 0
         self._last_combine = 0
@@ -316,7 +296,19 @@ class Buffer:
             c_int(capacity), c_void_p(p(recv_offsets)), c_void_p(peers), L, c_int(self.group.rank), c_uint32(seq),
             status, c_void_p(self._counters)]), s)
         handle = Handle(self.id, fw, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from, per_expert)
+        self._retain(s, adapter, [x, topk_idx, topk_weights, scales, token_slot, in_rank, recv_offsets, expert_counts,
+                                  recv_x, recv_idx, recv_w, recv_scales])
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle)
+
+    def _retain(self, stream: int, adapter: Adapter, tensors: list) -> None:
+        """On a stream other than the framework's current one, the framework's allocator
+        could hand these tensors' memory out again while the kernels still use it (Paddle
+        has no record_stream). Hold them until an event recorded after the kernels fires."""
+        self._retained = [(ev, refs) for ev, refs in self._retained if not _event_done(ev)]
+        if stream != adapter.current_stream(self.device):
+            event = check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
+            check(driver.cuEventRecord(event, stream), "cuEventRecord")
+            self._retained.append((event, tensors))
 
     def _wait_for_counts(self, seq: int) -> None:
         """Spin on mapped host memory until the count exchange of `seq` has landed."""
@@ -364,7 +356,7 @@ class Buffer:
             c_void_p(p(out)), c_void_p(p(handle.token_slot)), c_int(handle.num_tokens), c_void_p(peers), L,
             c_int(rank), c_uint32(seq), c_uint64(self.timeout_ns), status,
             c_void_p(self._counters + 8)]), s)
-        adapter.keep_alive([handle.token_slot, handle.recv_offsets], s)
+        self._retain(s, adapter, [y, out, handle.token_slot, handle.recv_offsets])
         return out
 
     # ---- teardown ---------------------------------------------------------------

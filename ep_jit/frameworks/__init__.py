@@ -6,7 +6,8 @@ works: Paddle's torch proxy makes `import torch` return Paddle.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+import sys
+from typing import Any, Callable, Protocol, Sequence
 
 
 class Adapter(Protocol):
@@ -20,7 +21,13 @@ class Adapter(Protocol):
     def current_stream(self, device: int) -> int: ...
     def stream_handle(self, stream: Any) -> int | None: ...  # a stream object of this framework, else None
     def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int) -> Any: ...
-    def keep_alive(self, tensors: Sequence[Any], stream: int) -> None: ...
+
+
+def paddle_torch_proxy_active() -> bool:
+    """True when `import torch` yields Paddle (paddle.enable_compat())."""
+    torch = sys.modules.get("torch")
+    return torch is not None and (type(torch).__module__.startswith("paddle") or
+                                  "paddle" in str(getattr(torch, "__file__", "")))
 
 
 def adapter_for(x: Any) -> Adapter:
@@ -72,3 +79,39 @@ def _others(adapter: Adapter) -> list[Adapter]:
         except ImportError:
             continue
     return found
+
+
+def object_all_gather(group: Any, size: int) -> Callable[[Any], list] | None:
+    """obj -> every member's obj in group-rank order, through the group's framework;
+    None for a group object of no framework (a GroupInfo)."""
+    module = type(group).__module__
+    if module.startswith("paddle"):
+        import paddle.distributed as dist
+
+        def gather(obj: Any) -> list:
+            out: list = []
+            dist.all_gather_object(out, obj, group=group)  # appends to the list it is given
+            return out[-size:]
+        return gather
+    if module.startswith("torch"):
+        import torch.distributed as dist
+
+        def gather(obj: Any) -> list:
+            out = [None] * size
+            dist.all_gather_object(out, obj, group=group)
+            return out
+        return gather
+    return None
+
+
+def group_device(group: Any) -> int | None:
+    """The CUDA device this process uses with the group's framework, if it has one."""
+    module = type(group).__module__
+    if module.startswith("paddle"):
+        import paddle
+        place = paddle.device.get_device()
+        return int(place.split(":")[1]) if place.startswith("gpu:") else None
+    if module.startswith("torch"):
+        import torch
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    return None

@@ -42,9 +42,6 @@ class CupyAdapter:
         with cupy.cuda.Device(device):
             return cupy.empty(tuple(shape), dtype=np_dtype)
 
-    def keep_alive(self, tensors: Sequence[cupy.ndarray], stream: int) -> None:
-        """CuPy's pool frees into the stream-ordered pool of the current stream; nothing to do."""
-
 
 def _ml_dtype(dtype: str):
     import ml_dtypes

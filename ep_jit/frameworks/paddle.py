@@ -38,15 +38,17 @@ class PaddleAdapter:
         return tuple(t.shape)
 
     def dtype(self, t: paddle.Tensor) -> str:
-        name = _dtype_name(t.dtype).lower()
-        return _NAMES.get({"bf16": "bfloat16", "fp32": "float32", "float8_e4m3fn": "float8_e4m3fn"}.get(name, name),
-                          name)
+        name = _dtype_name(t.dtype).lower()  # paddle.bfloat16 (3.x) or VarType.BF16 (2.6)
+        name = {"bf16": "bfloat16", "fp32": "float32", "bool_": "bool"}.get(name, name)
+        return _NAMES.get(name, name)
 
     def device(self, t: paddle.Tensor) -> int:
         place = t.place
         return place.gpu_device_id() if place.is_gpu_place() else -1
 
     def is_contiguous(self, t: paddle.Tensor) -> bool:
+        if hasattr(t, "is_contiguous"):
+            return bool(t.is_contiguous())
         shape, strides = list(t.shape), list(t.strides)
         expected = 1
         for size, stride in zip(reversed(shape), reversed(strides)):
@@ -70,7 +72,3 @@ class PaddleAdapter:
             raise ValueError(f"device: expected paddle's current device to be gpu:{device} (the tensors' device), "
                              f"got {current}; call paddle.device.set_device first")
         return paddle.empty(list(shape), dtype=_PADDLE[dtype])
-
-    def keep_alive(self, tensors: Sequence[paddle.Tensor], stream: int) -> None:
-        """Paddle has no Tensor.record_stream in Python; the Buffer keeps references until
-        an event recorded on `stream` says the work is done."""

@@ -6,6 +6,11 @@ from typing import Any, Sequence
 
 import torch
 
+from . import paddle_torch_proxy_active
+
+if paddle_torch_proxy_active():  # paddle.enable_compat(): `torch` is Paddle, use the Paddle adapter
+    raise ImportError("torch is Paddle's compatibility proxy here; tensors go through the Paddle adapter")
+
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "float32", torch.int64: "int64", torch.int32: "int32",
            torch.bool: "bool", **({torch.float8_e4m3fn: "fp8_e4m3"} if hasattr(torch, "float8_e4m3fn") else {})}
 _TORCH = {v: k for k, v in _DTYPES.items()}
@@ -41,10 +46,3 @@ class TorchAdapter:
         # the caching allocator ties a block to the stream current at allocation
         with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=f"cuda:{device}")):
             return torch.empty(tuple(shape), dtype=_TORCH[dtype], device=f"cuda:{device}")
-
-    def keep_alive(self, tensors: Sequence[torch.Tensor], stream: int) -> None:
-        current = torch.cuda.current_stream(tensors[0].device).cuda_stream if tensors else stream
-        if stream != current:
-            s = torch.cuda.ExternalStream(stream, device=tensors[0].device)
-            for t in tensors:
-                t.record_stream(s)
