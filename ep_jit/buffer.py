@@ -168,15 +168,23 @@ class Buffer:
 
     # ---- checks ---------------------------------------------------------------
 
-    def _check_status(self) -> None:
+    def _check_error(self) -> None:
+        """Raise if a kernel gave up waiting for a peer."""
         if self.closed:
             raise EPJitError("Buffer: it is closed")
-        error, _, overflow, _ = self.mailbox.status
+        error = self.mailbox.status[0]
         if error:
             phase, peer = error >> 16, (error & 0xFFFF) - 1
             self.closed = True
             raise PeerTimeout(f"rank {peer} (global rank {self.group.members[peer]}) did not respond within "
                               f"{self.timeout_s:g} s in {PHASES.get(phase, phase)}; this Buffer is unusable")
+
+    def raise_pending(self) -> None:
+        """Raise what earlier non-blocking dispatches found on the device: an expert id
+        outside [-1, E) on some rank, or more rows than the capacity (those rows were
+        dropped). Local, not collective: synchronise the stream first."""
+        self._check_error()
+        overflow = self.mailbox.status[2]
         if self.mailbox.bad_source:
             self._raise_bad_topk(None, None)
         if overflow:
@@ -199,7 +207,7 @@ class Buffer:
                              "no token was moved")
         raise ValueError(f"topk_idx: expected ids in [-1, {self.num_experts}), but rank {source} passed an id outside "
                          f"that range at {where} of its topk_idx; no token of this dispatch was moved" +
-                         ("" if topk_idx is not None else " (found after an earlier non-blocking dispatch)"))
+                         ("" if topk_idx is not None else " (found by an earlier non-blocking dispatch)"))
 
     def _clear_status(self, word: int) -> None:
         self.mailbox.status[word] = 0
@@ -226,11 +234,14 @@ class Buffer:
         Default: the host waits for the count exchange only and returns exact-size outputs.
         Expert ids outside [-1, E) on any rank are found during the count exchange: every
         rank raises ValueError naming the rank and position, and no token moves.
+        In non-blocking mode the device records such ids (they are skipped) and rows past
+        the capacity (dropped; recv_offsets[R] still holds the full count); the next
+        default-mode dispatch or `raise_pending()` raises them.
         `capacity=N`: never synchronises; outputs have N rows (rows past the count are
         marked empty: ids -1, weights 0) and the count is `handle.recv_offsets[R]` on the
         device, so the call can be captured in a CUDA graph.
         """
-        self._check_status()
+        self._check_error()
         adapter = adapter_for(x)
         fw = adapter.name
         shape = adapter.shape(x)
@@ -316,21 +327,21 @@ class Buffer:
         spins = 0
         while ctypes.c_int.from_address(self._host_mailbox).value != seq:
             if self.mailbox.status[0]:
-                self._check_status()
+                self._check_error()
             spins += 1
             if spins > 10000:
                 if time.monotonic() > deadline:
                     self.closed = True
                     raise PeerTimeout(f"count exchange: no answer from the device within {self.timeout_s + 1:g} s")
                 time.sleep(20e-6)
-        self._check_status()
+        self._check_error()
 
     # ---- combine ----------------------------------------------------------------
 
     def combine(self, y: Any, handle: Handle, stream: Any = None) -> Any:
         """Bring expert outputs back: out[t] = sum over receiving ranks of their row for t,
         accumulated in fp32, returned as bf16 [T, hidden]."""
-        self._check_status()
+        self._check_error()
         if not isinstance(handle, Handle) or handle.buffer_id != self.id:
             raise ValueError(f"handle: expected a handle from this Buffer (id {self.id}), got "
                              f"{getattr(handle, 'buffer_id', type(handle).__name__)}")

@@ -31,12 +31,14 @@ push_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ re
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
-    int src = 0;
-    for (int j = warp; j < total; j += num_warps) {
-        while (j >= offsets[src + 1]) ++src;
-        int4* dst = sym_ptr<int4>(peers[src], L.combine) +
-                    (static_cast<int64_t>(rank) * L.max_tokens + (j - offsets[src])) * kVecs;
-        warp_copy(dst, reinterpret_cast<const int4*>(y) + static_cast<int64_t>(j) * kVecs, kVecs, lane);
+    const PeerChunks<NUM_RANKS> chunks(offsets, total, rank);  // spread the pushes over every peer's link
+    for (int c = warp; c < chunks.count; c += num_warps) {
+        const int dst = chunks.peer(c), begin = chunks.begin(c), end = chunks.end(c);
+        for (int j = begin; j < end; ++j) {
+            int4* to = sym_ptr<int4>(peers[dst], L.combine) +
+                       (static_cast<int64_t>(rank) * L.max_tokens + (j - offsets[dst])) * kVecs;
+            warp_copy(to, reinterpret_cast<const int4*>(y) + static_cast<int64_t>(j) * kVecs, kVecs, lane);
+        }
     }
     grid_done_post<NUM_RANKS>(counter, peers, L, kCombinePushed, rank, make_flag(TAG, seq));
 }

@@ -81,21 +81,18 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
-    // Rows are taken 32 at a time per warp: lane i looks up the source and token of the
-    // i-th row first, so no row waits on a remote index read before its copy starts.
-    for (int j0 = warp * kWarpSize; j0 < total; j0 += num_warps * kWarpSize) {
-        const int mine = j0 + lane;
-        int my_src = 0, my_token = 0;
-        if (mine < total) {
-            while (mine >= offsets[my_src + 1]) ++my_src;
-            my_token = sym_ptr<const int>(peers[my_src], L.send_index)[rank * L.max_tokens + (mine - offsets[my_src])];
-        }
-        const int rows_here = min(kWarpSize, total - j0);
+    // Rows are taken 32 at a time per warp, interleaved over the sources: lane i looks up
+    // the token of the chunk's i-th row first, so no row waits on a remote index read.
+    const PeerChunks<NUM_RANKS> chunks(offsets, total, rank);
+    for (int c = warp; c < chunks.count; c += num_warps) {
+        const int src = chunks.peer(c), begin = chunks.begin(c), rows_here = chunks.end(c) - begin;
+        if (rows_here <= 0) continue;
+        const uint64_t base = peers[src];
+        const int my_token = lane < rows_here
+            ? sym_ptr<const int>(base, L.send_index)[rank * L.max_tokens + (begin + lane - offsets[src])] : 0;
         for (int i = 0; i < rows_here; ++i) {
-            const int j = j0 + i;
-            const int src = __shfl_sync(0xffffffffu, my_src, i);
+            const int j = begin + i;
             const int t = __shfl_sync(0xffffffffu, my_token, i);
-            const uint64_t base = peers[src];
             int64_t id = 0;
             float wt = 0.0f;
             if (lane < TOPK) {  // issue the small loads before the row's

@@ -190,6 +190,32 @@ __device__ __forceinline__ void grid_done_post(int* counter, const uint64_t* pee
     }
 }
 
+// ---- rows grouped by peer, walked in interleaved chunks ------------------------
+// Rows [offsets[p], offsets[p+1]) belong to peer p. Chunk c covers up to 32 rows of peer
+// (c + rank) % R, so consecutive chunks (and so the warps of the grid at any moment)
+// spread over every peer's link instead of draining one peer after another.
+
+template <int NUM_RANKS>
+struct PeerChunks {
+    const int* offsets;  // [NUM_RANKS + 1], in shared memory
+    int total;           // rows past this are not touched
+    int rank;
+    int count;           // number of chunks
+
+    __device__ __forceinline__ PeerChunks(const int* off, int total_rows, int my_rank)
+        : offsets(off), total(total_rows), rank(my_rank) {
+        int most = 0;
+        for (int p = 0; p < NUM_RANKS; ++p) most = max(most, off[p + 1] - off[p]);
+        count = NUM_RANKS * ((most + kWarpSize - 1) / kWarpSize);
+    }
+    // The peer and the row range [begin, end) of chunk c (empty when begin >= end).
+    __device__ __forceinline__ int peer(int c) const { return (c + rank) % NUM_RANKS; }
+    __device__ __forceinline__ int begin(int c) const { return offsets[peer(c)] + (c / NUM_RANKS) * kWarpSize; }
+    __device__ __forceinline__ int end(int c) const {
+        return min(min(begin(c) + kWarpSize, offsets[peer(c) + 1]), total);
+    }
+};
+
 // ---- block-wide exclusive scan of one int per thread ------------------------
 
 template <int kThreads>

@@ -158,8 +158,8 @@ def expect(exc_type, needle, fn):
 def suite_errors() -> int:
     H, E, K = 2048, 64, 2
     n = 0
-    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=64, num_sms=4) as buf, \
-            ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=64, num_sms=4) as other:
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=64, num_sms=4, timeout_s=10) as buf, \
+            ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=64, num_sms=4, timeout_s=10) as other:
         x = torch.randn(32, H, device=DEV).bfloat16()
         idx = torch.randint(0, E, (32, K), device=DEV)
         w = torch.rand(32, K, device=DEV)
@@ -176,12 +176,14 @@ def suite_errors() -> int:
             bad[5, 1] = E
         needle = f"got {E} at [5, 1]" if RANK == 1 else "rank 1 passed an id outside that range at [5, 1]"
         n += expect(ValueError, needle, lambda: buf.dispatch(x, bad, w))
-        buf.dispatch(x, bad, w, capacity=64 * WORLD)  # non-blocking: reported once the device has found it
+        buf.dispatch(x, bad, w, capacity=64 * WORLD)  # non-blocking: the device records it
         torch.cuda.synchronize()
-        n += expect(ValueError, "rank 1 passed an id outside that range at [5, 1]", lambda: buf.dispatch(x, idx, w))
-        buf.dispatch(x, idx, w, capacity=4)  # too small for what arrives
+        n += expect(ValueError, "rank 1 passed an id outside that range at [5, 1]", buf.raise_pending)
+        res = buf.dispatch(x, idx, w, capacity=4)  # too small for what arrives
         torch.cuda.synchronize()
-        n += expect(ValueError, "capacity: expected at least", lambda: buf.dispatch(x, idx, w))
+        assert int(res.handle.recv_offsets[WORLD]) > 4 and res.recv_x.shape[0] == 4
+        n += expect(ValueError, "capacity: expected at least", buf.raise_pending)
+        buf.raise_pending()  # reported once
         n += expect(ValueError, "scales: expected None", lambda: buf.dispatch(x, idx, w, scales=w))
         res = buf.dispatch(x, idx, w)  # the group still works after all that
         y = expert_output(res.recv_x, None, RANK)
