@@ -8,12 +8,13 @@ them with CUDA events (median of 20 after 3 warm-ups) on 58 MB rows of 14336 byt
 """
 
 import statistics
+from ctypes import c_int, c_longlong, c_void_p
 
 import torch
 from cuda.bindings import driver, nvrtc
 
 from ep_jit.compiler import cuda_include_dirs, template_dir
-from ep_jit.runtime import Args, check, device_arch, use_device
+from ep_jit.runtime import ArgPack, check, device_arch, use_device
 
 SRC = r'''
 #include "ep_common.cuh"
@@ -90,35 +91,25 @@ def main():
         err, = driver.cuCtxEnablePeerAccess(ctx1, 0)
         targets["peer(write)"] = torch.empty(rows * row_bytes, dtype=torch.uint8, device="cuda:1")
     stream = torch.cuda.current_stream().cuda_stream
+    row_args, flat_args = ArgPack((c_void_p, c_void_p, c_int, c_int)), ArgPack((c_void_p, c_void_p, c_longlong))
+
+    def run(name, dst, src_buf, blocks, threads, label):
+        address = (row_args.set((dst.data_ptr(), src_buf.data_ptr(), rows, vecs)) if name.startswith("row")
+                   else flat_args.set((dst.data_ptr(), src_buf.data_ptr(), rows * vecs)))
+        ms = median_ms(lambda: driver.cuLaunchKernel(fns[name], blocks, 1, 1, threads, 1, 1, 0, stream, address, 0))
+        print(f"{name:14} {label:12} {blocks:6} {threads:7} {rows * row_bytes / ms / 1e6:8.0f}")
+
     print(f"{'kernel':14} {'target':12} {'blocks':>6} {'threads':>7} {'GB/s':>8}")
-    for tname, dst in targets.items():
-        for name, fn in fns.items():
+    for label, dst in targets.items():
+        for name in fns:
             for blocks, threads in ((24, 512), (24, 1024), (132, 512)):
-                if name.startswith("row"):
-                    args = lambda: Args([__import__("ctypes").c_void_p(dst.data_ptr()), __import__("ctypes").c_void_p(src.data_ptr()),
-                                         __import__("ctypes").c_int(rows), __import__("ctypes").c_int(vecs)])
-                else:
-                    args = lambda: Args([__import__("ctypes").c_void_p(dst.data_ptr()), __import__("ctypes").c_void_p(src.data_ptr()),
-                                         __import__("ctypes").c_longlong(rows * vecs)])
-                a = args()
-                launch = lambda: driver.cuLaunchKernel(fn, blocks, 1, 1, threads, 1, 1, 0, stream, a.address, 0)
-                ms = median_ms(launch)
-                print(f"{name:14} {tname:12} {blocks:6} {threads:7} {rows * row_bytes / ms / 1e6:8.0f}")
+                run(name, dst, src, blocks, threads, label)
     if "peer(write)" in targets:  # pull: read the peer, write locally
         peer_src = targets["peer(write)"]
         peer_src.copy_(src)
         for name in ("row_copy<8>", "row_copy<16>", "flat_copy<8>"):
-            fn = fns[name]
             for blocks, threads in ((24, 512), (24, 1024)):
-                import ctypes
-                if name.startswith("row"):
-                    a = Args([ctypes.c_void_p(targets["local"].data_ptr()), ctypes.c_void_p(peer_src.data_ptr()),
-                              ctypes.c_int(rows), ctypes.c_int(vecs)])
-                else:
-                    a = Args([ctypes.c_void_p(targets["local"].data_ptr()), ctypes.c_void_p(peer_src.data_ptr()),
-                              ctypes.c_longlong(rows * vecs)])
-                ms = median_ms(lambda: driver.cuLaunchKernel(fn, blocks, 1, 1, threads, 1, 1, 0, stream, a.address, 0))
-                print(f"{name:14} {'peer(read)':12} {blocks:6} {threads:7} {rows * row_bytes / ms / 1e6:8.0f}")
+                run(name, targets["local"], peer_src, blocks, threads, "peer(read)")
 
 
 if __name__ == "__main__":

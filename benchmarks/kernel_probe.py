@@ -5,13 +5,11 @@ synchronisation. Run under the same launcher environment as scripts/bench_ep.py:
     python benchmarks/kernel_probe.py --world 2
 """
 
-import ctypes
 import os
 import socket
 import statistics
 import subprocess
 import sys
-from ctypes import c_int, c_uint32, c_uint64, c_void_p
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,8 +32,7 @@ def rank_main():
     import torch.distributed as dist
     import ep_jit
     from ep_jit.buffer import COPY_THREADS
-    from ep_jit.runtime import Args
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
     T, H, E, K = 4096, 7168, 256, 8
@@ -51,23 +48,20 @@ def rank_main():
     s = torch.cuda.current_stream().cuda_stream
     L, peers, status, r = buf.layout, buf.sym.peer_table, buf._status, buf.group.rank
     h = res.handle
-    stage = Args([c_void_p(x.data_ptr()), c_void_p(0), c_void_p(idx.data_ptr()), c_void_p(w.data_ptr()),
-                  c_void_p(h.token_slot.data_ptr()), c_int(T), c_void_p(peers), L, c_int(r), c_uint32(0),
-                  c_uint64(10**9), status])
-    pull = Args([c_void_p(res.recv_x.data_ptr()), c_void_p(0), c_void_p(res.recv_topk_idx.data_ptr()),
-                 c_void_p(res.recv_topk_weights.data_ptr()), c_int(h.num_recv), c_void_p(h.recv_offsets.data_ptr()),
-                 c_void_p(peers), L, c_int(r), c_uint32(1), status, c_void_p(buf._counters)])
-    push = Args([c_void_p(y.data_ptr()), c_int(h.num_recv), c_void_p(h.recv_offsets.data_ptr()), c_void_p(peers), L,
-                 c_int(r), c_uint32(2), c_uint32(0), c_uint64(10**9), status, c_void_p(buf._counters + 4)])
-    reduce = Args([c_void_p(out.data_ptr()), c_void_p(h.token_slot.data_ptr()), c_int(T), c_void_p(peers), L,
-                   c_int(r), c_uint32(2), c_uint64(10**9), status, c_void_p(buf._counters + 8)])
+    p = lambda t: t.data_ptr()  # noqa: E731
     d, c = buf.modules["dispatch"], buf.modules["combine"]
+    runs = {
+        "stage": (d[0], (p(x), 0, p(idx), p(w), p(h.token_slot), T, peers, L, r, 0, 10**9, status)),
+        "pull": (d[1], (p(res.recv_x), 0, p(res.recv_topk_idx), p(res.recv_topk_weights), h.num_recv,
+                        p(h.recv_offsets), peers, L, r, 1, status, buf._counters)),
+        "push": (c[0], (p(y), h.num_recv, p(h.recv_offsets), peers, L, r, 2, 0, 10**9, status, buf._counters + 4)),
+        "reduce": (c[1], (p(out), p(h.token_slot), T, peers, L, r, 2, 10**9, status, buf._counters + 8)),
+    }
     results = {}
-    for name, kern, args in (("stage", d[0], stage), ("pull", d[1], pull), ("push", c[0], push),
-                             ("reduce", c[1], reduce)):
+    for name, (kern, args) in runs.items():
         dist.barrier()
         torch.cuda.synchronize()
-        results[name] = median_us(lambda: kern.launch(24, COPY_THREADS, args, s))
+        results[name] = median_us(lambda: kern.launch(24, COPY_THREADS, s, *args))
     n = h.num_recv
     print(f"rank {rank}: rows {n}; " + ", ".join(f"{k} {v:.0f} us" for k, v in results.items()) +
           f"; stage {T * H * 2 / results['stage'] / 1e3:.0f} GB/s, pull {n * H * 2 / results['pull'] / 1e3:.0f} GB/s,"

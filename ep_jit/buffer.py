@@ -11,7 +11,6 @@ import ctypes
 import itertools
 import time
 import weakref
-from ctypes import c_int, c_uint32, c_uint64, c_void_p
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -21,15 +20,14 @@ from .errors import EPJitError
 from .frameworks import Adapter, adapter_for, group_device, object_all_gather, resolve_stream
 from .group import GroupInfo
 from .jit import get_kernel
-from .kernels import buffer_specs
-from .runtime import Args, Module, check, device_arch, device_attribute, use_device
+from .kernels import MAX_LOCAL_EXPERTS, MAX_RANKS, SIGNATURES, Mailbox, Status, buffer_specs
+from .runtime import Module, check, device_arch, device_attribute, use_device
 from .spec import canonical_dtype
 from .symmetric import SymmetricBuffer, plan_layout
 
 PHASES = {1: "dispatch staging (waiting for peers to finish reading the previous stage)",
           2: "count exchange", 3: "combine push (waiting for peers to finish the previous combine)",
           4: "combine reduce (waiting for peers' expert outputs)"}
-MAX_RANKS, MAX_LOCAL_EXPERTS = 64, 1024
 LAYOUT_THREADS, COPY_THREADS, NOTIFY_THREADS = 256, 512, 128
 
 
@@ -54,21 +52,6 @@ def _free_buffer(device: int, workspace: Any, mailbox: int) -> None:
 
 class PeerTimeout(EPJitError):
     """A peer did not reach a phase in time; the Buffer cannot be used any more."""
-
-
-class Status(ctypes.Structure):
-    """Status words: the kernels' device copy and the host copy they mirror into
-    (mirrors `struct Status` in templates/ep_common.cuh)."""
-
-    _fields_ = [("device", c_void_p), ("host", c_void_p)]
-
-
-class Mailbox(ctypes.Structure):
-    """Mapped pinned host memory written by the kernels (mirrors templates/notify.cu)."""
-
-    _fields_ = [("done_seq", c_int), ("recv_total", c_int), ("recv_from", c_int * MAX_RANKS),
-                ("tokens_per_expert", c_int * MAX_LOCAL_EXPERTS), ("bad_source", c_int), ("bad_index", c_int),
-                ("status", c_int * 4)]
 
 
 @dataclass
@@ -139,7 +122,7 @@ class Buffer:
         # every kernel this Buffer will launch: compiled or loaded now, never on a later call
         specs = buffer_specs(hidden=hidden, num_experts=num_experts, topk=topk, dtype=self.dtype,
                              members=self.group.members, arch=device_arch(self.device))
-        self.modules = {s.template: Module(get_kernel(s), self.device) for s in specs}
+        self.modules = {s.template: Module(get_kernel(s), self.device, SIGNATURES[s.template]) for s in specs}
 
         elem = 1 if self.dtype == "fp8_e4m3" else 2
         self.layout, size = plan_layout(num_ranks=R, num_experts=num_experts, hidden=hidden, topk=topk,
@@ -273,27 +256,21 @@ class Buffer:
         recv_offsets = adapter.empty((R + 1,), "int32", self.device, s)
         expert_counts = adapter.empty((self.num_experts // R,), "int32", self.device, s)
         p = adapter.pointer
-        L, peers, status = self.layout, self.sym.peer_table, self._status
+        L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
         layout, notify, dispatch = self.modules["layout"], self.modules["notify"], self.modules["dispatch"]
-        layout[0].launch(R, LAYOUT_THREADS, Args([
-            c_void_p(p(topk_idx)), c_int(T), c_void_p(p(in_rank)), c_void_p(p(token_slot)),
-            c_void_p(self._tokens_per_rank), c_void_p(self._tokens_per_expert), status]), s)
-        dispatch[0].launch(self.num_sms, COPY_THREADS, Args([
-            c_void_p(p(x)), c_void_p(p(scales) if fp8 else 0), c_void_p(p(topk_idx)), c_void_p(p(topk_weights)),
-            c_void_p(p(token_slot)), c_int(T), c_void_p(peers), L, c_int(self.group.rank), c_uint32(prev),
-            c_uint64(self.timeout_ns), status]), s)
-        notify[0].launch(1, NOTIFY_THREADS, Args([
-            c_void_p(self._tokens_per_rank), c_void_p(self._tokens_per_expert), c_void_p(peers), L,
-            c_int(self.group.rank), c_uint32(seq), c_uint64(self.timeout_ns), status,
-            c_void_p(p(recv_offsets)), c_void_p(p(expert_counts)), c_void_p(self._mailbox_dev)]), s)
+        layout[0].launch(R, LAYOUT_THREADS, s, p(topk_idx), T, p(in_rank), p(token_slot), self._tokens_per_rank,
+                         self._tokens_per_expert, status)
+        dispatch[0].launch(self.num_sms, COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx), p(topk_weights),
+                           p(token_slot), T, peers, L, rank, prev, timeout, status)
+        notify[0].launch(1, NOTIFY_THREADS, s, self._tokens_per_rank, self._tokens_per_expert, peers, L, rank, seq,
+                         timeout, status, p(recv_offsets), p(expert_counts), self._mailbox_dev)
 
         num_recv = recv_from = per_expert = None
         if capacity is None:
             self._wait_for_counts(seq)
             if self.mailbox.bad_source:  # every rank learns it here; release the stage, then raise
-                dispatch[1].launch(self.num_sms, COPY_THREADS, Args([
-                    c_void_p(0), c_void_p(0), c_void_p(0), c_void_p(0), c_int(-1), c_void_p(p(recv_offsets)),
-                    c_void_p(peers), L, c_int(self.group.rank), c_uint32(seq), status, c_void_p(self._counters)]), s)
+                dispatch[1].launch(self.num_sms, COPY_THREADS, s, 0, 0, 0, 0, -1, p(recv_offsets), peers, L, rank, seq,
+                                   status, self._counters)
                 self._raise_bad_topk(adapter, topk_idx)
             num_recv = capacity = self.mailbox.recv_total
             recv_from = list(self.mailbox.recv_from[:R])
@@ -302,10 +279,8 @@ class Buffer:
         recv_idx = adapter.empty((capacity, K), "int64", self.device, s)
         recv_w = adapter.empty((capacity, K), "float32", self.device, s)
         recv_scales = adapter.empty((capacity, H // 128), "float32", self.device, s) if fp8 else None
-        dispatch[1].launch(self.num_sms, COPY_THREADS, Args([
-            c_void_p(p(recv_x)), c_void_p(p(recv_scales) if fp8 else 0), c_void_p(p(recv_idx)), c_void_p(p(recv_w)),
-            c_int(capacity), c_void_p(p(recv_offsets)), c_void_p(peers), L, c_int(self.group.rank), c_uint32(seq),
-            status, c_void_p(self._counters)]), s)
+        dispatch[1].launch(self.num_sms, COPY_THREADS, s, p(recv_x), p(recv_scales) if fp8 else 0, p(recv_idx),
+                           p(recv_w), capacity, p(recv_offsets), peers, L, rank, seq, status, self._counters)
         handle = Handle(self.id, fw, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from, per_expert)
         self._retain(s, adapter, [x, topk_idx, topk_weights, scales, token_slot, in_rank, recv_offsets, expert_counts,
                                   recv_x, recv_idx, recv_w, recv_scales])
@@ -357,16 +332,12 @@ class Buffer:
         self._last_combine = seq
         out = adapter.empty((handle.num_tokens, self.hidden), "bf16", self.device, s)
         p = adapter.pointer
-        L, peers, status, rank = self.layout, self.sym.peer_table, self._status, self.group.rank
-        combine = self.modules["combine"]
-        combine[0].launch(self.num_sms, COPY_THREADS, Args([
-            c_void_p(p(y)), c_int(rows), c_void_p(p(handle.recv_offsets)), c_void_p(peers), L, c_int(rank),
-            c_uint32(seq), c_uint32(prev), c_uint64(self.timeout_ns), status,
-            c_void_p(self._counters + 4)]), s)
-        combine[1].launch(self.num_sms, COPY_THREADS, Args([
-            c_void_p(p(out)), c_void_p(p(handle.token_slot)), c_int(handle.num_tokens), c_void_p(peers), L,
-            c_int(rank), c_uint32(seq), c_uint64(self.timeout_ns), status,
-            c_void_p(self._counters + 8)]), s)
+        L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
+        push, reduce = self.modules["combine"][0], self.modules["combine"][1]
+        push.launch(self.num_sms, COPY_THREADS, s, p(y), rows, p(handle.recv_offsets), peers, L, rank, seq, prev,
+                    timeout, status, self._counters + 4)
+        reduce.launch(self.num_sms, COPY_THREADS, s, p(out), p(handle.token_slot), handle.num_tokens, peers, L, rank,
+                      seq, timeout, status, self._counters + 8)
         self._retain(s, adapter, [y, out, handle.token_slot, handle.recv_offsets])
         return out
 

@@ -1,17 +1,57 @@
-"""The kernels an EP Buffer uses, as KernelSpecs.
+"""The kernels an EP Buffer uses: their specs, their parameter types, and the host
+mirrors of the structs they share with the host.
 
 ep-jit-warm and Buffer both build their kernel lists here, so what is warmed ahead
-of time is exactly what a Buffer asks for at run time.
+of time is exactly what a Buffer asks for at run time. The ctypes mirrors follow the
+structs in templates/ (tests/test_mirrors.py compiles a check of every offset).
 """
 
 from __future__ import annotations
 
+import ctypes
+from ctypes import c_int, c_uint32, c_uint64, c_void_p
 from typing import Sequence
 
 from .group import member_hash
 from .spec import KernelSpec
 
 BUFFER_TEMPLATES: tuple[str, ...] = ("layout", "notify", "dispatch", "combine")
+MAX_RANKS, MAX_LOCAL_EXPERTS = 64, 1024
+
+
+class SymLayout(ctypes.Structure):
+    """Byte offsets inside every rank's symmetric buffer (struct SymLayout, ep_common.cuh)."""
+
+    _fields_ = [("flags", ctypes.c_int64), ("counts", ctypes.c_int64), ("send_index", ctypes.c_int64),
+                ("stage_x", ctypes.c_int64), ("stage_scales", ctypes.c_int64), ("stage_idx", ctypes.c_int64),
+                ("stage_weights", ctypes.c_int64), ("combine", ctypes.c_int64), ("max_tokens", ctypes.c_int32)]
+
+
+class Status(ctypes.Structure):
+    """Status words: the kernels' device copy and the host copy (struct Status, ep_common.cuh)."""
+
+    _fields_ = [("device", c_void_p), ("host", c_void_p)]
+
+
+class Mailbox(ctypes.Structure):
+    """Mapped pinned host memory the kernels write (struct Mailbox in notify.cu, then the
+    host copy of the status words)."""
+
+    _fields_ = [("done_seq", c_int), ("recv_total", c_int), ("recv_from", c_int * MAX_RANKS),
+                ("tokens_per_expert", c_int * MAX_LOCAL_EXPERTS), ("bad_source", c_int), ("bad_index", c_int),
+                ("status", c_int * 4)]
+
+
+P = c_void_p  # any device pointer
+# Parameter types of every kernel, per template, in the order of Template.kernels.
+SIGNATURES: dict[str, tuple[tuple[type, ...], ...]] = {
+    "layout": ((P, c_int, P, P, P, P, Status),),
+    "notify": ((P, P, P, SymLayout, c_int, c_uint32, c_uint64, Status, P, P, P),),
+    "dispatch": ((P, P, P, P, P, c_int, P, SymLayout, c_int, c_uint32, c_uint64, Status),   # stage
+                 (P, P, P, P, c_int, P, P, SymLayout, c_int, c_uint32, Status, P)),          # pull
+    "combine": ((P, c_int, P, P, SymLayout, c_int, c_uint32, c_uint32, c_uint64, Status, P),  # push
+                (P, P, c_int, P, SymLayout, c_int, c_uint32, c_uint64, Status, P)),          # reduce
+}
 
 
 def buffer_specs(*, hidden: int, num_experts: int, topk: int, dtype: str, members: Sequence[int],

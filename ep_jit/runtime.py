@@ -1,14 +1,15 @@
 """Driver-level runtime: contexts, loading cubins as libraries, and launches.
 
 Kernels are loaded with cuLibraryLoadData (context-independent) and launched in the
-device's primary context, the one PyTorch, CuPy and Paddle use. Arguments are packed
-once into ctypes storage so a launch costs one cuLaunchKernel call.
+device's primary context, the one PyTorch, CuPy and Paddle use. Each kernel keeps its
+parameter storage, so a launch costs one ctypes initialisation and one cuLaunchKernel.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 import time
 from typing import Sequence
 
@@ -67,32 +68,46 @@ def device_arch(device: int) -> str:
     return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
 
 
-class Args:
-    """Kernel arguments packed once into ctypes storage, as cuLaunchKernel wants them."""
+class ArgPack:
+    """Persistent ctypes storage for one kernel's parameters, in cuLaunchKernel's form.
 
-    __slots__ = ("values", "pointers", "address")
+    The pointer array is built once; a launch only re-initialises the values, which
+    cuLaunchKernel copies before it returns, so the storage is reused at once.
+    """
 
-    def __init__(self, values: Sequence[ctypes._SimpleCData | ctypes.Structure]) -> None:
-        self.values = list(values)
-        self.pointers = (ctypes.c_void_p * len(self.values))(*[ctypes.addressof(v) for v in self.values])
+    def __init__(self, types: Sequence[type]) -> None:
+        fields = [(f"a{i}", t) for i, t in enumerate(types)]
+        self.storage = type("Params", (ctypes.Structure,), {"_fields_": fields})()
+        base = ctypes.addressof(self.storage)
+        offsets = [getattr(type(self.storage), name).offset for name, _ in fields]
+        self.pointers = (ctypes.c_void_p * len(fields))(*[base + o for o in offsets])
         self.address = ctypes.addressof(self.pointers)
+
+    def set(self, values: Sequence) -> int:
+        ctypes.Structure.__init__(self.storage, *values)
+        return self.address
 
 
 class LoadedKernel:
     """One kernel of a loaded library, ready to launch on a stream."""
 
-    def __init__(self, function: driver.CUfunction, name: str) -> None:
+    def __init__(self, function: driver.CUfunction, name: str, signature: Sequence[type]) -> None:
         self.function = function
         self.name = name
+        self._pack = ArgPack(signature)
+        self._lock = threading.Lock()
         self._max_dynamic_smem = SHARED_MEMORY_DEFAULT_LIMIT
 
-    def launch(self, grid: int, block: int, args: Args, stream: int, shared_memory: int = 0) -> None:
+    def launch(self, grid: int, block: int, stream: int, *args, shared_memory: int = 0) -> None:
+        """Launch with `args` in the kernel's parameter order (ints for pointers)."""
         if shared_memory > self._max_dynamic_smem:
             check(driver.cuFuncSetAttribute(
                 self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 shared_memory), f"opting {self.name} in to {shared_memory} bytes of shared memory")
             self._max_dynamic_smem = shared_memory
-        err, = driver.cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, shared_memory, stream, args.address, 0)
+        with self._lock:
+            err, = driver.cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, shared_memory, stream,
+                                         self._pack.set(args), 0)
         if err != driver.CUresult.CUDA_SUCCESS:
             check((err,), f"launching {self.name} (grid {grid}, block {block})")
 
@@ -100,7 +115,8 @@ class LoadedKernel:
 class Module:
     """A KernelBinary loaded into the device's primary context."""
 
-    def __init__(self, binary: KernelBinary, device: int) -> None:
+    def __init__(self, binary: KernelBinary, device: int, signatures: Sequence[Sequence[type]]) -> None:
+        """`signatures[i]`: the ctypes types of kernel i's parameters, in order."""
         use_device(device)
         start = time.perf_counter()
         self.binary = binary
@@ -111,7 +127,7 @@ class Module:
             name = binary.symbol(index)
             kernel = check(driver.cuLibraryGetKernel(self.library, name.encode()), f"cuLibraryGetKernel({name})")
             self.kernels.append(LoadedKernel(check(driver.cuKernelGetFunction(kernel), "cuKernelGetFunction"),
-                                             binary.spec.name_expressions()[index]))
+                                             binary.spec.name_expressions()[index], signatures[index]))
         log.debug("loaded %s in %.2f ms", binary.spec.describe(), (time.perf_counter() - start) * 1e3)
 
     def __getitem__(self, index: int) -> LoadedKernel:

@@ -1,8 +1,7 @@
 """Symmetric memory: one cuMemAlloc buffer per rank, opened by every peer through CUDA
 IPC, plus a device-side table of the peers' base addresses.
 
-The byte layout (SymLayout) is the same on every rank and mirrors the struct of the
-same name in templates/ep_common.cuh.
+The byte layout (kernels.SymLayout) is the same on every rank.
 """
 
 from __future__ import annotations
@@ -14,19 +13,12 @@ from typing import Any, Callable
 from cuda.bindings import driver
 
 from .group import GroupInfo
+from .kernels import SymLayout
 from .runtime import check, use_device
 from .topology import Endpoint, local_endpoint, verify_nvlink_domain
 
 NUM_FLAG_KINDS = 4
 ALIGN = 256
-
-
-class SymLayout(ctypes.Structure):
-    """Byte offsets inside every rank's buffer; passed to kernels by value."""
-
-    _fields_ = [("flags", ctypes.c_int64), ("counts", ctypes.c_int64), ("send_index", ctypes.c_int64),
-                ("stage_x", ctypes.c_int64), ("stage_scales", ctypes.c_int64), ("stage_idx", ctypes.c_int64),
-                ("stage_weights", ctypes.c_int64), ("combine", ctypes.c_int64), ("max_tokens", ctypes.c_int32)]
 
 
 def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max_tokens: int,

@@ -86,19 +86,19 @@ def object_all_gather(group: Any, size: int) -> Callable[[Any], list] | None:
     None for a group object of no framework (a GroupInfo)."""
     module = type(group).__module__
     if module.startswith("paddle"):
-        import paddle.distributed as dist
+        import paddle.distributed as paddle_dist
 
         def gather(obj: Any) -> list:
             out: list = []
-            dist.all_gather_object(out, obj, group=group)  # appends to the list it is given
+            paddle_dist.all_gather_object(out, obj, group=group)  # appends to the list it is given
             return out[-size:]
         return gather
     if module.startswith("torch"):
-        import torch.distributed as dist
+        import torch.distributed as torch_dist
 
         def gather(obj: Any) -> list:
             out = [None] * size
-            dist.all_gather_object(out, obj, group=group)
+            torch_dist.all_gather_object(out, obj, group=group)
             return out
         return gather
     return None
