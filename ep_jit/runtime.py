@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import threading
 import time
 from typing import Sequence
 
@@ -89,27 +88,35 @@ class ArgPack:
 
 
 class LoadedKernel:
-    """One kernel of a loaded library, ready to launch on a stream."""
+    """One kernel of a loaded library, ready to launch on a stream.
+
+    Not for concurrent launches from several threads: the parameter storage is shared
+    (a Buffer's operations are collective and ordered anyway)."""
 
     def __init__(self, function: driver.CUfunction, name: str, signature: Sequence[type]) -> None:
         self.function = function
         self.name = name
-        self._pack = ArgPack(signature)
-        self._lock = threading.Lock()
-        self._max_dynamic_smem = SHARED_MEMORY_DEFAULT_LIMIT
+        self._set_args = ArgPack(signature).set
+        self.shared_memory = 0
 
-    def launch(self, grid: int, block: int, stream: int, *args, shared_memory: int = 0) -> None:
-        """Launch with `args` in the kernel's parameter order (ints for pointers)."""
-        if shared_memory > self._max_dynamic_smem:
+    def use_shared_memory(self, nbytes: int) -> None:
+        """Dynamic shared memory for every later launch; above 48 KB the kernel is opted in."""
+        if nbytes > SHARED_MEMORY_DEFAULT_LIMIT:
             check(driver.cuFuncSetAttribute(
                 self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_memory), f"opting {self.name} in to {shared_memory} bytes of shared memory")
-            self._max_dynamic_smem = shared_memory
-        with self._lock:
-            err, = driver.cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, shared_memory, stream,
-                                         self._pack.set(args), 0)
-        if err != driver.CUresult.CUDA_SUCCESS:
+                nbytes), f"opting {self.name} in to {nbytes} bytes of shared memory")
+        self.shared_memory = nbytes
+
+    def launch(self, grid: int, block: int, stream: int, *args) -> None:
+        """Launch with `args` in the kernel's parameter order (ints for pointers)."""
+        err, = _cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, self.shared_memory, stream,
+                               self._set_args(args), 0)
+        if err != _SUCCESS:
             check((err,), f"launching {self.name} (grid {grid}, block {block})")
+
+
+_cuLaunchKernel = driver.cuLaunchKernel
+_SUCCESS = driver.CUresult.CUDA_SUCCESS
 
 
 class Module:
