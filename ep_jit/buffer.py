@@ -21,7 +21,7 @@ from .frameworks import Adapter, adapter_for, group_device, object_all_gather, r
 from .group import GroupInfo
 from .jit import get_kernel
 from .kernels import MAX_LOCAL_EXPERTS, MAX_RANKS, SIGNATURES, Mailbox, Status, buffer_specs
-from .runtime import Module, check, device_arch, device_attribute, use_device
+from .runtime import Module, check, device_arch, device_attribute, quiesce, use_device
 from .spec import canonical_dtype
 from .symmetric import SymmetricBuffer, plan_layout
 
@@ -41,10 +41,7 @@ def _event_done(event: Any) -> bool:
 
 
 def _free_buffer(device: int, workspace: Any, mailbox: int) -> None:
-    try:
-        use_device(device)
-        driver.cuCtxSynchronize()
-    except Exception:  # the context is already gone at interpreter exit
+    if not quiesce(device):
         return
     driver.cuMemFree(workspace)
     driver.cuMemFreeHost(mailbox)

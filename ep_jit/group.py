@@ -69,11 +69,7 @@ class GroupInfo:
         if not dist.is_initialized():
             raise ValueError("group: torch.distributed is not initialized; call init_process_group first")
         pg = group if group is not None else dist.group.WORLD
-        members = dist.get_process_group_ranks(pg)
-        me = dist.get_rank()
-        if me not in members:
-            raise ValueError(f"group: this process (global rank {me}) is not a member of {members}")
-        return cls(members, members.index(me))
+        return cls._with_me(dist.get_process_group_ranks(pg), dist.get_rank())
 
     @classmethod
     def from_paddle(cls, group: Any = None) -> "GroupInfo":
@@ -85,8 +81,10 @@ class GroupInfo:
         import paddle.distributed as dist
 
         pg = group if group is not None else dist.collective._get_global_group()
-        members = list(pg.ranks)
-        me = dist.get_rank()
+        return cls._with_me(list(pg.ranks), dist.get_rank())
+
+    @classmethod
+    def _with_me(cls, members: list[int], me: int) -> "GroupInfo":
         if me not in members:
             raise ValueError(f"group: this process (global rank {me}) is not a member of {members}")
         return cls(members, members.index(me))

@@ -53,6 +53,16 @@ def use_device(device: int) -> None:
         check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
+def quiesce(device: int) -> bool:
+    """Before freeing at teardown: make the device current and wait for its work.
+    False when the context is already gone (interpreter exit), so nothing may be freed."""
+    try:
+        use_device(device)
+        return driver.cuCtxSynchronize()[0] == driver.CUresult.CUDA_SUCCESS
+    except Exception:
+        return False
+
+
 def device_attribute(device: int, attribute: driver.CUdevice_attribute) -> int:
     _init()
     return check(driver.cuDeviceGetAttribute(attribute, check(driver.cuDeviceGet(device), "cuDeviceGet")),

@@ -14,7 +14,7 @@ from cuda.bindings import driver
 
 from .group import GroupInfo
 from .kernels import SymLayout
-from .runtime import check, use_device
+from .runtime import check, quiesce, use_device
 from .topology import Endpoint, local_endpoint, verify_nvlink_domain
 
 NUM_FLAG_KINDS = 4
@@ -96,10 +96,7 @@ class SymmetricBuffer:
 
 
 def _free(device: int, opened: list[int], owned: list[int]) -> None:
-    try:
-        use_device(device)
-        driver.cuCtxSynchronize()
-    except Exception:  # the context is already gone at interpreter exit
+    if not quiesce(device):
         return
     for ptr in opened:
         driver.cuIpcCloseMemHandle(ptr)

@@ -61,6 +61,13 @@ def template_copy(tmp_path, monkeypatch):
     return copy
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_py(code: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter with the repository importable."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

@@ -85,22 +85,31 @@ jit.resolve(layout_spec())
 """
 
 
-def test_killed_compiler_does_not_block_the_next_run(cache_env, tmp_path):
+def _kill_once_started(code: str, env: dict, tmp_path) -> None:
+    """Run `code`, wait until it touches its marker file, then SIGKILL it."""
     started = tmp_path / "started"
-    env = _env(cache_env, tmp_path, EP_JIT_LOCK_TIMEOUT="60")
-    victim = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, str(started)], env=env, cwd=REPO)
+    victim = subprocess.Popen([sys.executable, "-c", code, str(started)], env=env, cwd=REPO)
     deadline = time.time() + 60
     while not started.exists():
         assert time.time() < deadline and victim.poll() is None
         time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    t0 = time.time()
+
+
+def _warm_one_buffer(env: dict) -> dict:
     out = subprocess.run([sys.executable, "-m", "ep_jit.cli.warm", "--hidden", "2048", "--experts", "64",
                           "--topk", "4", "--world-size", "4", "--json"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_killed_compiler_does_not_block_the_next_run(cache_env, tmp_path):
+    env = _env(cache_env, tmp_path, EP_JIT_LOCK_TIMEOUT="60")
+    _kill_once_started(KILLED_WORKER, env, tmp_path)
+    t0 = time.time()
+    assert _warm_one_buffer(env)["compiled"] == len(BUFFER_TEMPLATES)
     assert time.time() - t0 < 60
-    assert json.loads(out.stdout)["compiled"] == len(BUFFER_TEMPLATES)
     verify = subprocess.run([sys.executable, "-m", "cache_tools", "verify", "--json"], env=env,
                             capture_output=True, text=True)
     assert verify.returncode == 0 and json.loads(verify.stdout)["entries"] == len(BUFFER_TEMPLATES)
@@ -125,19 +134,10 @@ jit.resolve(layout_spec())
 
 
 def test_writer_killed_mid_publish_leaves_no_partial_entry(cache_env, tmp_path):
-    started = tmp_path / "started"
     env = _env(cache_env, tmp_path, EP_JIT_LOCK_TIMEOUT="60")
-    victim = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(started)], env=env, cwd=REPO)
-    deadline = time.time() + 60
-    while not started.exists():
-        assert time.time() < deadline and victim.poll() is None
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    _kill_once_started(KILLED_WRITER, env, tmp_path)
     cache = DiskCache(cache_env)
     assert list(cache.entry_paths()) == [] and len(list(cache.temp_paths())) == 1
-    out = subprocess.run([sys.executable, "-m", "ep_jit.cli.warm", "--hidden", "2048", "--experts", "64",
-                          "--topk", "4", "--world-size", "4", "--json"], env=env, capture_output=True, text=True)
-    assert out.returncode == 0 and json.loads(out.stdout)["compiled"] == len(BUFFER_TEMPLATES), out.stderr
+    assert _warm_one_buffer(env)["compiled"] == len(BUFFER_TEMPLATES)
     assert len(list(cache.entry_paths())) == len(BUFFER_TEMPLATES)
     assert list(cache.temp_paths()) == []  # the dead writer's temp file was cleaned up

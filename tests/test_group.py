@@ -1,10 +1,9 @@
 import hashlib
-import socket
 import textwrap
 
 import pytest
 
-from conftest import run_py
+from conftest import free_port, run_py
 from ep_jit import GroupInfo, member_hash
 
 
@@ -54,12 +53,6 @@ def test_resolve_rejects_unknown_group_objects():
         GroupInfo.resolve(object())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TORCH_WORKER = textwrap.dedent("""
     import sys, torch.distributed as dist
     from ep_jit import GroupInfo
@@ -79,15 +72,19 @@ def _spawn(code: str, world: int, env_for_rank=lambda r: {}) -> list[str]:
     import subprocess
     import sys
     from conftest import REPO
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world), str(port)],
                               env={**os.environ, "PYTHONPATH": str(REPO), **env_for_rank(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(out)
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:  # a failed rank must not leave the others waiting forever
+            p.kill()
     return outs
 
 
@@ -130,7 +127,7 @@ def _paddle_env(world: int, port: int):
 
 def test_paddle_gloo_groups_hash_like_torch():
     pytest.importorskip("paddle")
-    base = _free_port()
+    base = free_port()
     outs = _spawn(PADDLE_WORKER, 3, _paddle_env(3, base + 1))
     for r, out in enumerate(outs):
         assert _lines(out, "WORLD") == [(member_hash([0, 1, 2]), r)]

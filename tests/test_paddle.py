@@ -93,22 +93,23 @@ WORKER = textwrap.dedent("""
     dist.init_parallel_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     sub = dist.new_group(list(range(world))[::-1], backend="gloo")  # paddle sorts a group's ranks
-    singles = [dist.new_group([r], backend="gloo") for r in range(world)]  # every rank creates each
+    single = dist.new_group([rank], backend="gloo")
     g = GroupInfo.from_paddle(sub)
     gathered = object_all_gather(sub, g.size)({"rank": rank})
-    mine = GroupInfo.from_paddle(singles[rank])
+    mine = GroupInfo.from_paddle(single)
     assert list(g.members) == list(sub.ranks)
     print("SUB", g.member_hash, g.rank, ",".join(str(m) for m in g.members))
     print("GATHER", ",".join(str(d["rank"]) for d in gathered))
-    print("SINGLE", mine.member_hash, mine.rank, singles[rank].rank)
+    print("SINGLE", mine.member_hash, mine.rank, single.rank)
     dist.barrier()
 """)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_paddle_gloo_groups(world):
-    from test_group import _free_port, _lines, _paddle_env, _spawn
-    outs = _spawn(WORKER, world, _paddle_env(world, _free_port() + 1))
+    from conftest import free_port
+    from test_group import _lines, _paddle_env, _spawn
+    outs = _spawn(WORKER, world, _paddle_env(world, free_port() + 1))
     members = list(range(world))  # group.ranks comes back ascending
     for r, out in enumerate(outs):
         (h, grank), = _lines(out, "SUB")

@@ -3,13 +3,12 @@ reference (tests/ep_reference.py). Skipped without enough GPUs."""
 
 import os
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import GPU_COUNT, REPO
+from conftest import GPU_COUNT, REPO, free_port
 
 WORKER = REPO / "tests" / "ep_worker.py"
 
@@ -17,9 +16,7 @@ WORKER = REPO / "tests" / "ep_worker.py"
 def run_ranks(suite: str, world: int, timeout: int = 900) -> list[str]:
     if GPU_COUNT < world:
         pytest.skip(f"needs {world} GPUs, found {GPU_COUNT}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     seed = random.randrange(1 << 30)
     env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "EP_TEST_SEED": str(seed)}

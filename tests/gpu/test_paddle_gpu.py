@@ -1,13 +1,12 @@
 """The torch GPU checks through Paddle (skipped where paddle-gpu is not installed)."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import GPU_COUNT, REPO
+from conftest import GPU_COUNT, REPO, free_port
 
 paddle = pytest.importorskip("paddle")
 
@@ -19,9 +18,7 @@ def test_paddle_dispatch_combine_match_reference(world):
         pytest.skip("paddle is a CPU build")
     if GPU_COUNT < world:
         pytest.skip(f"needs {world} GPUs, found {GPU_COUNT}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     eps = ",".join(f"127.0.0.1:{port + i}" for i in range(world))
     procs = []
     for r in range(world):
