@@ -126,12 +126,13 @@ class Buffer:
                                         max_tokens=self.max_tokens, elem_size=elem)
         self._gather = gather
         self.sym = SymmetricBuffer(self.group, size, self.device, gather)
-        ws_bytes = 4 * (8 + R + num_experts)  # counters[4], status[4], tokens per rank, tokens per expert
+        # counters[4], status[4], sequences[2] + pad, tokens per rank, tokens per expert
+        ws_bytes = 4 * (12 + R + num_experts)
         self._workspace = check(driver.cuMemAlloc(ws_bytes), "cuMemAlloc(workspace)")
         check(driver.cuMemsetD8(self._workspace, 0, ws_bytes), "cuMemsetD8(workspace)")
         ws = int(self._workspace)
-        self._counters, self._status_words = ws, ws + 16
-        self._tokens_per_rank, self._tokens_per_expert = ws + 32, ws + 32 + 4 * R
+        self._counters, self._status_words, self._seqs = ws, ws + 16, ws + 32
+        self._tokens_per_rank, self._tokens_per_expert = ws + 48, ws + 48 + 4 * R
         self._host_mailbox = check(driver.cuMemHostAlloc(ctypes.sizeof(Mailbox), driver.CU_MEMHOSTALLOC_DEVICEMAP |
                                                          driver.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(mailbox)")
         ctypes.memset(self._host_mailbox, 0, ctypes.sizeof(Mailbox))
@@ -141,9 +142,7 @@ class Buffer:
         self._status = Status(self._status_words, self._mailbox_dev + Mailbox.status.offset)
         self._finalizer = weakref.finalize(self, _free_buffer, self.device, self._workspace, self._host_mailbox)
         self._retained: list[tuple[Any, list]] = []
-        self._seq = 0
-        self._last_dispatch = 0
-        self._last_combine = 0
+        self._tickets = 0  # host-side id of each default-mode dispatch, echoed by the count exchange
         self.closed = False
 
     # ---- checks ---------------------------------------------------------------
@@ -219,7 +218,8 @@ class Buffer:
         default-mode dispatch or `raise_pending()` raises them.
         `capacity=N`: never synchronises; outputs have N rows (rows past the count are
         marked empty: ids -1, weights 0) and the count is `handle.recv_offsets[R]` on the
-        device, so the call can be captured in a CUDA graph.
+        device. Sequence numbers live on the device, so dispatch and combine can be
+        captured in a CUDA graph and replayed.
         """
         self._check_error()
         adapter = adapter_for(x)
@@ -245,9 +245,8 @@ class Buffer:
         s = resolve_stream(stream, adapter, self.device)
         use_device(self.device)
 
-        self._seq += 1
-        seq, prev = self._seq, self._last_dispatch
-        self._last_dispatch = seq
+        self._tickets += 1
+        ticket = self._tickets if capacity is None else 0
         token_slot = adapter.empty((T, R), "int32", self.device, s)
         in_rank = adapter.empty((T, R), "bool", self.device, s)
         recv_offsets = adapter.empty((R + 1,), "int32", self.device, s)
@@ -258,16 +257,16 @@ class Buffer:
         layout[0].launch(R, LAYOUT_THREADS, s, p(topk_idx), T, p(in_rank), p(token_slot), self._tokens_per_rank,
                          self._tokens_per_expert, status)
         dispatch[0].launch(self.num_sms, COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx), p(topk_weights),
-                           p(token_slot), T, peers, L, rank, prev, timeout, status)
-        notify[0].launch(1, NOTIFY_THREADS, s, self._tokens_per_rank, self._tokens_per_expert, peers, L, rank, seq,
-                         timeout, status, p(recv_offsets), p(expert_counts), self._mailbox_dev)
+                           p(token_slot), T, peers, L, rank, self._seqs, timeout, status)
+        notify[0].launch(1, NOTIFY_THREADS, s, self._tokens_per_rank, self._tokens_per_expert, peers, L, rank,
+                         self._seqs, ticket, timeout, status, p(recv_offsets), p(expert_counts), self._mailbox_dev)
 
         num_recv = recv_from = per_expert = None
         if capacity is None:
-            self._wait_for_counts(seq)
+            self._wait_for_counts(ticket)
             if self.mailbox.bad_source:  # every rank learns it here; release the stage, then raise
-                dispatch[1].launch(self.num_sms, COPY_THREADS, s, 0, 0, 0, 0, -1, p(recv_offsets), peers, L, rank, seq,
-                                   status, self._counters)
+                dispatch[1].launch(self.num_sms, COPY_THREADS, s, 0, 0, 0, 0, -1, p(recv_offsets), peers, L, rank,
+                                   self._seqs, status, self._counters)
                 self._raise_bad_topk(adapter, topk_idx)
             num_recv = capacity = self.mailbox.recv_total
             recv_from = list(self.mailbox.recv_from[:R])
@@ -277,7 +276,7 @@ class Buffer:
         recv_w = adapter.empty((capacity, K), "float32", self.device, s)
         recv_scales = adapter.empty((capacity, H // 128), "float32", self.device, s) if fp8 else None
         dispatch[1].launch(self.num_sms, COPY_THREADS, s, p(recv_x), p(recv_scales) if fp8 else 0, p(recv_idx),
-                           p(recv_w), capacity, p(recv_offsets), peers, L, rank, seq, status, self._counters)
+                           p(recv_w), capacity, p(recv_offsets), peers, L, rank, self._seqs, status, self._counters)
         handle = Handle(self.id, fw, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from, per_expert)
         self._retain(s, adapter, [x, topk_idx, topk_weights, scales, token_slot, in_rank, recv_offsets, expert_counts,
                                   recv_x, recv_idx, recv_w, recv_scales])
@@ -293,11 +292,11 @@ class Buffer:
             check(driver.cuEventRecord(event, stream), "cuEventRecord")
             self._retained.append((event, tensors))
 
-    def _wait_for_counts(self, seq: int) -> None:
-        """Spin on mapped host memory until the count exchange of `seq` has landed."""
+    def _wait_for_counts(self, ticket: int) -> None:
+        """Spin on mapped host memory until the count exchange of `ticket` has landed."""
         deadline = time.monotonic() + self.timeout_s + 1.0
         spins = 0
-        while ctypes.c_int.from_address(self._host_mailbox).value != seq:
+        while ctypes.c_int.from_address(self._host_mailbox).value != ticket:
             if self.mailbox.status[0]:
                 self._check_error()
             spins += 1
@@ -324,17 +323,14 @@ class Buffer:
         self._tensor(adapter, "y", y, "bf16", (rows, self.hidden), adapter.name)
         s = resolve_stream(stream, adapter, self.device)
         use_device(self.device)
-        self._seq += 1
-        seq, prev = self._seq, self._last_combine
-        self._last_combine = seq
         out = adapter.empty((handle.num_tokens, self.hidden), "bf16", self.device, s)
         p = adapter.pointer
         L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
         push, reduce = self.modules["combine"][0], self.modules["combine"][1]
-        push.launch(self.num_sms, COPY_THREADS, s, p(y), rows, p(handle.recv_offsets), peers, L, rank, seq, prev,
+        push.launch(self.num_sms, COPY_THREADS, s, p(y), rows, p(handle.recv_offsets), peers, L, rank, self._seqs,
                     timeout, status, self._counters + 4)
         reduce.launch(self.num_sms, COPY_THREADS, s, p(out), p(handle.token_slot), handle.num_tokens, peers, L, rank,
-                      seq, timeout, status, self._counters + 8)
+                      self._seqs, timeout, status, self._counters + 8)
         self._retain(s, adapter, [y, out, handle.token_slot, handle.recv_offsets])
         return out
 

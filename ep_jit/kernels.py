@@ -9,7 +9,7 @@ structs in templates/ (tests/test_mirrors.py compiles a check of every offset).
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_int, c_uint32, c_uint64, c_void_p
+from ctypes import c_int, c_uint64, c_void_p
 from typing import Sequence
 
 from .group import member_hash
@@ -37,7 +37,7 @@ class Mailbox(ctypes.Structure):
     """Mapped pinned host memory the kernels write (struct Mailbox in notify.cu, then the
     host copy of the status words)."""
 
-    _fields_ = [("done_seq", c_int), ("recv_total", c_int), ("recv_from", c_int * MAX_RANKS),
+    _fields_ = [("done_ticket", c_int), ("recv_total", c_int), ("recv_from", c_int * MAX_RANKS),
                 ("tokens_per_expert", c_int * MAX_LOCAL_EXPERTS), ("bad_source", c_int), ("bad_index", c_int),
                 ("status", c_int * 4)]
 
@@ -46,11 +46,11 @@ P = c_void_p  # any device pointer
 # Parameter types of every kernel, per template, in the order of Template.kernels.
 SIGNATURES: dict[str, tuple[tuple[type, ...], ...]] = {
     "layout": ((P, c_int, P, P, P, P, Status),),
-    "notify": ((P, P, P, SymLayout, c_int, c_uint32, c_uint64, Status, P, P, P),),
-    "dispatch": ((P, P, P, P, P, c_int, P, SymLayout, c_int, c_uint32, c_uint64, Status),   # stage
-                 (P, P, P, P, c_int, P, P, SymLayout, c_int, c_uint32, Status, P)),          # pull
-    "combine": ((P, c_int, P, P, SymLayout, c_int, c_uint32, c_uint32, c_uint64, Status, P),  # push
-                (P, P, c_int, P, SymLayout, c_int, c_uint32, c_uint64, Status, P)),          # reduce
+    "notify": ((P, P, P, SymLayout, c_int, P, c_int, c_uint64, Status, P, P, P),),
+    "dispatch": ((P, P, P, P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status),   # stage
+                 (P, P, P, P, c_int, P, P, SymLayout, c_int, P, Status, P)),          # pull
+    "combine": ((P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P),          # push
+                (P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status, P)),         # reduce
 }
 
 

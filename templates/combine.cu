@@ -17,11 +17,12 @@ using bf16 = __nv_bfloat16;
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kCombineThreads)
 push_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ recv_offsets,
-            const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint32_t prev_seq,
+            const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs,
             uint64_t timeout_ns, Status st, int* counter) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
     __shared__ int offsets[NUM_RANKS + 1];
     if (failed(st)) return;
+    const int prev_seq = seqs->combine, seq = prev_seq + 1;
     if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(peers[rank], L, kCombineConsumed, make_flag(TAG, prev_seq),
                                                      timeout_ns, st, kPhaseCombinePush))
         return;
@@ -40,16 +41,18 @@ push_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ re
             warp_copy(to, reinterpret_cast<const int4*>(y) + static_cast<int64_t>(j) * kVecs, kVecs, lane);
         }
     }
-    grid_done_post<NUM_RANKS>(counter, peers, L, kCombinePushed, rank, make_flag(TAG, seq));
+    // the combine is recorded done by the reduce kernel, which ends it
+    grid_done_post<NUM_RANKS>(counter, peers, L, kCombinePushed, rank, make_flag(TAG, seq), nullptr, 0);
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kCombineThreads)
 reduce_kernel(bf16* __restrict__ out, const int* __restrict__ token_slot, int num_tokens,
-              const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint64_t timeout_ns,
+              const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, uint64_t timeout_ns,
               Status st, int* counter) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
     if (failed(st)) return;
+    const int seq = seqs->combine + 1;
     const uint64_t my_base = peers[rank];
     if (!block_wait_all<NUM_RANKS>(my_base, L, kCombinePushed, make_flag(TAG, seq), timeout_ns, st,
                                    kPhaseCombineReduce))
@@ -93,7 +96,7 @@ reduce_kernel(bf16* __restrict__ out, const int* __restrict__ token_slot, int nu
             }
         }
     }
-    grid_done_post<NUM_RANKS>(counter, peers, L, kCombineConsumed, rank, make_flag(TAG, seq));
+    grid_done_post<NUM_RANKS>(counter, peers, L, kCombineConsumed, rank, make_flag(TAG, seq), &seqs->combine, seq);
 }
 
 }  // namespace ep_jit

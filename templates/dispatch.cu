@@ -23,7 +23,7 @@ template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsi
 __global__ void __launch_bounds__(kCopyThreads)
 stage_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
              const float* __restrict__ topk_weights, const int* __restrict__ token_slot, int num_tokens,
-             const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t prev_seq, uint64_t timeout_ns,
+             const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs, uint64_t timeout_ns,
              Status st) {
     constexpr bool kFp8 = sizeof(T) == 1;
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
@@ -31,6 +31,7 @@ stage_kernel(const T* __restrict__ x, const float* __restrict__ scales, const in
     static_assert(HIDDEN * sizeof(T) % 16 == 0, "rows must be whole 16-byte vectors");
     if (failed(st)) return;
     const uint64_t my_base = peers[rank];
+    const int prev_seq = seqs->dispatch;
     if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(TAG, prev_seq),
                                                      timeout_ns, st, kPhaseStage))
         return;
@@ -65,7 +66,7 @@ template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsi
 __global__ void __launch_bounds__(kCopyThreads)
 pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __restrict__ recv_idx,
             float* __restrict__ recv_weights, int capacity, const int* __restrict__ recv_offsets,
-            const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, Status st, int* counter) {
+            const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, Status st, int* counter) {
     constexpr bool kFp8 = sizeof(T) == 1;
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kScales = HIDDEN / kScaleBlock;
@@ -73,6 +74,7 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
     static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
     __shared__ int offsets[NUM_RANKS + 1];
     if (failed(st)) return;  // the count exchange failed: nothing valid to pull
+    const int seq = seqs->dispatch + 1;
     if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = capacity < 0 ? 0 : recv_offsets[threadIdx.x];
     __syncthreads();
     if (blockIdx.x == 0 && threadIdx.x == 0 && offsets[NUM_RANKS] > capacity && capacity >= 0)
@@ -118,7 +120,7 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
         recv_idx[i] = -1;
         recv_weights[i] = 0.0f;
     }
-    grid_done_post<NUM_RANKS>(counter, peers, L, kStageConsumed, rank, make_flag(TAG, seq));
+    grid_done_post<NUM_RANKS>(counter, peers, L, kStageConsumed, rank, make_flag(TAG, seq), &seqs->dispatch, seq);
 }
 
 }  // namespace ep_jit

@@ -151,6 +151,14 @@ enum FlagKind : int {
     kNumFlagKinds = 4,
 };
 
+// Sequence numbers live on the device, so a captured CUDA graph replays with fresh
+// ones: an operation uses last + 1 and its final kernel stores it back when done.
+// Dispatches and combines count separately (their flags are separate kinds).
+struct Sequences {
+    int dispatch;  // last completed dispatch
+    int combine;   // last completed combine
+};
+
 enum Phase : int { kPhaseStage = 1, kPhaseNotify = 2, kPhaseCombinePush = 3, kPhaseCombineReduce = 4 };
 
 template <typename U>
@@ -175,10 +183,11 @@ __device__ __forceinline__ bool block_wait_all(uint64_t my_base, const SymLayout
 }
 
 // The last block of the grid to get here posts `want` into slot [kind][rank] of every
-// peer. Each block fences its own writes first, so they are visible before the flag.
+// peer, then records `seq` as done in *done (if given). Each block fences its own writes first, so
+// they are visible before the flag.
 template <int NUM_RANKS>
 __device__ __forceinline__ void grid_done_post(int* counter, const uint64_t* peers, const SymLayout& L, int kind,
-                                               int rank, uint64_t want) {
+                                               int rank, uint64_t want, int* done, int seq) {
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
@@ -186,6 +195,7 @@ __device__ __forceinline__ void grid_done_post(int* counter, const uint64_t* pee
             *counter = 0;
             __threadfence_system();
             for (int p = 0; p < NUM_RANKS; ++p) st_release_sys(flag_slot(peers[p], L, kind, rank, NUM_RANKS), want);
+            if (done != nullptr) *done = seq;
         }
     }
 }

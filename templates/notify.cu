@@ -13,7 +13,7 @@
 namespace ep_jit {
 
 struct Mailbox {          // mapped pinned host memory, one per Buffer
-    int done_seq;         // written last: the fields below belong to this dispatch
+    int done_ticket;      // written last: the fields below belong to the dispatch with this ticket
     int recv_total;
     int recv_from[64];    // tokens received from each source rank
     int tokens_per_expert[1024];
@@ -24,14 +24,15 @@ struct Mailbox {          // mapped pinned host memory, one per Buffer
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(128)
 notify_kernel(const int* __restrict__ tokens_per_rank, const int* __restrict__ tokens_per_expert,
-              const uint64_t* __restrict__ peers, SymLayout L, int rank, uint32_t seq, uint64_t timeout_ns,
+              const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs, int ticket,
+              uint64_t timeout_ns,
               Status st, int* recv_offsets, int* local_expert_counts, Mailbox* mailbox) {
     static_assert(NUM_RANKS <= 64 && NUM_EXPERTS / NUM_RANKS <= 1024, "mailbox too small");
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kRow = 2 + kLocal;  // tokens, per local expert, bad top-k report
     __shared__ int from[NUM_RANKS];
     if (failed(st)) return;
-    const uint64_t want = make_flag(TAG, seq);
+    const uint64_t want = make_flag(TAG, seqs->dispatch + 1);
     const uint64_t my_base = peers[rank];
 
     // 1. send my counts to every destination, then raise its flag
@@ -77,7 +78,7 @@ notify_kernel(const int* __restrict__ tokens_per_rank, const int* __restrict__ t
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        *reinterpret_cast<volatile int*>(&mailbox->done_seq) = static_cast<int>(seq);
+        *reinterpret_cast<volatile int*>(&mailbox->done_ticket) = ticket;
     }
 }
 

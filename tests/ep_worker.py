@@ -146,6 +146,54 @@ def suite_rounds() -> int:
     return 1000
 
 
+def suite_graph() -> int:
+    """Non-blocking dispatch + expert + combine captured once in a CUDA graph, replayed on
+    fresh inputs copied into the captured tensors; every replay checked."""
+    H, E, K, T = 2048, 64, 8, 128
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=T, num_sms=8) as buf:
+        first = inputs("full", E, K, H, "bf16", T, SEED)[RANK]
+        x, idx, w = (t.to(DEV) for t in first[:3])
+        side = torch.cuda.Stream(DEV)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside the capture, as torch asks
+            res = buf.dispatch(x, idx, w, capacity=WORLD * T)
+            buf.combine(expert_output(res.recv_x, None, RANK), res.handle)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            res = buf.dispatch(x, idx, w, capacity=WORLD * T)
+            out = buf.combine(expert_output(res.recv_x, None, RANK), res.handle)
+        for replay in range(6):
+            data = inputs("full" if replay % 2 else "masked", E, K, H, "bf16", T, SEED + 1 + replay)
+            data = [(xs, ids, ws, sc) for xs, ids, ws, sc in data]
+            for s_ in range(WORLD):  # every rank has T tokens: the captured shapes are fixed
+                xs, ids, ws, sc = data[s_]
+                if xs.shape[0] < T:
+                    pad = T - xs.shape[0]
+                    data[s_] = (torch.cat([xs, torch.zeros(pad, H, dtype=xs.dtype)]),
+                                torch.cat([ids, torch.full((pad, K), -1, dtype=ids.dtype)]),
+                                torch.cat([ws, torch.zeros(pad, K)]), sc)
+            x.copy_(data[RANK][0]); idx.copy_(data[RANK][1]); w.copy_(data[RANK][2])
+            poison()
+            graph.replay()
+            torch.cuda.synchronize()
+            refs = [dispatch_reference([d[0] for d in data], [d[1] for d in data], [d[2] for d in data], None, r,
+                                       WORLD, E) for r in range(WORLD)]
+            n = refs[RANK]["x"].shape[0]
+            assert int(res.handle.recv_offsets[WORLD]) == n, f"replay {replay}: count"
+            assert torch.equal(bits(res.recv_x[:n].cpu()), bits(refs[RANK]["x"])), f"replay {replay}: recv_x"
+            assert torch.equal(res.recv_topk_idx[:n].cpu(), refs[RANK]["idx"]), f"replay {replay}: idx"
+            assert res.tokens_per_expert.cpu().tolist() == refs[RANK]["tokens_per_expert"]
+            want = combine_reference(T, H, refs, [expert_output(r["x"], None, j) for j, r in enumerate(refs)], RANK)
+            got = out.float().cpu()
+            assert bool(((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-30).all()), f"replay {replay}: combine"
+        res = buf.dispatch(x, idx, w)  # eager default mode still works after the replays
+        buf.combine(expert_output(res.recv_x, None, RANK), res.handle)
+        torch.cuda.synchronize()
+    return 6
+
+
 def expect(exc_type, needle, fn):
     try:
         fn()

@@ -49,6 +49,12 @@ def test_thousand_rounds(world):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_cuda_graph_capture_and_replay(world):
+    run_ranks("graph", world)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("world", [2])
 def test_bad_input_raises_before_launch(world):
     run_ranks("errors", world)
