@@ -166,7 +166,6 @@ def suite_graph() -> int:
             out = buf.combine(expert_output(res.recv_x, None, RANK), res.handle)
         for replay in range(6):
             data = inputs("full" if replay % 2 else "masked", E, K, H, "bf16", T, SEED + 1 + replay)
-            data = [(xs, ids, ws, sc) for xs, ids, ws, sc in data]
             for s_ in range(WORLD):  # every rank has T tokens: the captured shapes are fixed
                 xs, ids, ws, sc = data[s_]
                 if xs.shape[0] < T:
