@@ -2,15 +2,16 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+
 from . import config as _config
 from .errors import CompileError, ConfigError, EPJitError
 from .group import GroupInfo, member_hash
 from .jit import get_kernel, stats
 from .spec import KernelSpec
 
-if _config._env("EP_JIT_LOG") is not None:
+if _os.environ.get("EP_JIT_LOG"):
     _config.configure_logging()
-
 
 
 def __getattr__(name: str):

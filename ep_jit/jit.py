@@ -60,6 +60,11 @@ def stats() -> dict[str, float]:
     return asdict(_stats)
 
 
+def record_load(seconds: float) -> None:
+    """Time spent loading a binary into a GPU context (counted with disk reads)."""
+    _stats.load_seconds += seconds
+
+
 def clear_memory_cache() -> None:
     """Forget loaded kernels and remembered failures (the disk cache stays)."""
     with _mutex:

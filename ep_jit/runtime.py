@@ -16,7 +16,7 @@ from cuda.bindings import driver
 
 from .config import log
 from .errors import EPJitError
-from .jit import KernelBinary
+from .jit import KernelBinary, record_load
 
 SHARED_MEMORY_DEFAULT_LIMIT = 48 * 1024
 
@@ -145,7 +145,9 @@ class Module:
             kernel = check(driver.cuLibraryGetKernel(self.library, name.encode()), f"cuLibraryGetKernel({name})")
             self.kernels.append(LoadedKernel(check(driver.cuKernelGetFunction(kernel), "cuKernelGetFunction"),
                                              binary.spec.name_expressions()[index], signatures[index]))
-        log.debug("loaded %s in %.2f ms", binary.spec.describe(), (time.perf_counter() - start) * 1e3)
+        seconds = time.perf_counter() - start
+        record_load(seconds)
+        log.debug("loaded %s in %.2f ms", binary.spec.describe(), seconds * 1e3)
 
     def __getitem__(self, index: int) -> LoadedKernel:
         return self.kernels[index]
