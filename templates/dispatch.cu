@@ -7,7 +7,8 @@
 // pull_kernel    on the destination: row j of the output is row j - offset[s] of
 //                source s's list, so rows come out ordered by (source rank, source
 //                token index). Reads are 16-byte loads from the peer's buffer, one
-//                warp per row, several rows in flight per SM. Expert ids become
+//                warp per row; chunks of 32 rows alternate between sources so every
+//                link is busy at once. Expert ids become
 //                local ids (others -1, weight 0). Rows past the received count, up
 //                to the capacity, are marked empty (-1, 0); rows past the capacity are
 //                reported in status word 2 and not copied. capacity < 0 abandons the
