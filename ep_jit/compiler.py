@@ -12,7 +12,7 @@ import functools
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cuda.bindings import nvrtc
@@ -50,7 +50,7 @@ class Source:
     spec: KernelSpec
     file_name: str
     text: str
-    headers: dict[str, str] = field(hash=False)
+    headers: dict[str, str]
     name_expressions: tuple[str, ...]
     options: tuple[str, ...]
 
