@@ -25,7 +25,8 @@ def test_adapter_reads_tensor_facts():
     assert not a.is_contiguous(t.transpose([1, 0]))
     assert a.dtype(paddle.ones([2], dtype="bfloat16")) == "bf16"
     assert a.dtype(paddle.ones([2], dtype="float32")) == "float32"
-    assert a.dtype(paddle.ones([2], dtype="float32").astype("float8_e4m3fn")) == "fp8_e4m3"
+    if hasattr(paddle, "float8_e4m3fn"):  # Paddle 3.x
+        assert a.dtype(paddle.ones([2], dtype="float32").astype("float8_e4m3fn")) == "fp8_e4m3"
 
 
 class PaddleStream30:
@@ -64,6 +65,7 @@ def test_resolve_stream_accepts_paddle_streams_and_handles():
         resolve_stream(-3, a, 0)
 
 
+@pytest.mark.skipif(not hasattr(paddle, "enable_compat"), reason="this Paddle has no torch proxy")
 def test_torch_proxy_routes_to_paddle():
     code = textwrap.dedent("""
         import paddle
