@@ -242,15 +242,15 @@ class Buffer:
             raise ValueError("scales: expected None for a bf16 Buffer, got a tensor")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
             raise ValueError(f"capacity: expected a non-negative int or None, got {capacity!r}")
-        s = resolve_stream(stream, adapter, self.device)
+        s, alloc = self._stream(stream, adapter)
         use_device(self.device)
 
         self._tickets += 1
         ticket = self._tickets if capacity is None else 0
-        token_slot = adapter.empty((T, R), "int32", self.device, s)
-        in_rank = adapter.empty((T, R), "bool", self.device, s)
-        recv_offsets = adapter.empty((R + 1,), "int32", self.device, s)
-        expert_counts = adapter.empty((self.num_experts // R,), "int32", self.device, s)
+        token_slot = adapter.empty((T, R), "int32", self.device, alloc)
+        in_rank = adapter.empty((T, R), "bool", self.device, alloc)
+        recv_offsets = adapter.empty((R + 1,), "int32", self.device, alloc)
+        expert_counts = adapter.empty((self.num_experts // R,), "int32", self.device, alloc)
         p = adapter.pointer
         L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
         layout, notify, dispatch = self.modules["layout"], self.modules["notify"], self.modules["dispatch"]
@@ -271,25 +271,32 @@ class Buffer:
             num_recv = capacity = self.mailbox.recv_total
             recv_from = list(self.mailbox.recv_from[:R])
             per_expert = list(self.mailbox.tokens_per_expert[: self.num_experts // R])
-        recv_x = adapter.empty((capacity, H), self.dtype, self.device, s)
-        recv_idx = adapter.empty((capacity, K), "int64", self.device, s)
-        recv_w = adapter.empty((capacity, K), "float32", self.device, s)
-        recv_scales = adapter.empty((capacity, H // 128), "float32", self.device, s) if fp8 else None
+        recv_x = adapter.empty((capacity, H), self.dtype, self.device, alloc)
+        recv_idx = adapter.empty((capacity, K), "int64", self.device, alloc)
+        recv_w = adapter.empty((capacity, K), "float32", self.device, alloc)
+        recv_scales = adapter.empty((capacity, H // 128), "float32", self.device, alloc) if fp8 else None
         dispatch[1].launch(self.num_sms, COPY_THREADS, s, p(recv_x), p(recv_scales) if fp8 else 0, p(recv_idx),
                            p(recv_w), capacity, p(recv_offsets), peers, L, rank, self._seqs, status, self._counters)
         handle = Handle(self.id, fw, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from, per_expert)
-        self._retain(s, adapter, [x, topk_idx, topk_weights, scales, token_slot, in_rank, recv_offsets, expert_counts,
+        self._retain(alloc, [x, topk_idx, topk_weights, scales, token_slot, in_rank, recv_offsets, expert_counts,
                                   recv_x, recv_idx, recv_w, recv_scales])
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle)
 
-    def _retain(self, stream: int, adapter: Adapter, tensors: list) -> None:
+    def _stream(self, stream: Any, adapter: Adapter) -> tuple[int, int | None]:
+        """The operation's stream, and the same handle again if it is not the framework's
+        current stream (allocations must then be tied to it), else None."""
+        s = resolve_stream(stream, adapter, self.device)
+        return s, (None if stream is None or s == adapter.current_stream(self.device) else s)
+
+    def _retain(self, foreign: int | None, tensors: list) -> None:
         """On a stream other than the framework's current one, the framework's allocator
         could hand these tensors' memory out again while the kernels still use it (Paddle
         has no record_stream). Hold them until an event recorded after the kernels fires."""
-        self._retained = [(ev, refs) for ev, refs in self._retained if not _event_done(ev)]
-        if stream != adapter.current_stream(self.device):
+        if self._retained:
+            self._retained = [(ev, refs) for ev, refs in self._retained if not _event_done(ev)]
+        if foreign is not None:
             event = check(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
-            check(driver.cuEventRecord(event, stream), "cuEventRecord")
+            check(driver.cuEventRecord(event, foreign), "cuEventRecord")
             self._retained.append((event, tensors))
 
     def _wait_for_counts(self, ticket: int) -> None:
@@ -321,9 +328,9 @@ class Buffer:
             raise TypeError(f"y: expected a {handle.framework} tensor like the dispatch inputs, got {adapter.name}")
         rows = handle.num_recv if handle.num_recv is not None else handle.capacity
         self._tensor(adapter, "y", y, "bf16", (rows, self.hidden), adapter.name)
-        s = resolve_stream(stream, adapter, self.device)
+        s, alloc = self._stream(stream, adapter)
         use_device(self.device)
-        out = adapter.empty((handle.num_tokens, self.hidden), "bf16", self.device, s)
+        out = adapter.empty((handle.num_tokens, self.hidden), "bf16", self.device, alloc)
         p = adapter.pointer
         L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
         push, reduce = self.modules["combine"][0], self.modules["combine"][1]
@@ -331,7 +338,7 @@ class Buffer:
                     timeout, status, self._counters + 4)
         reduce.launch(self.num_sms, COPY_THREADS, s, p(out), p(handle.token_slot), handle.num_tokens, peers, L, rank,
                       self._seqs, timeout, status, self._counters + 8)
-        self._retain(s, adapter, [y, out, handle.token_slot, handle.recv_offsets])
+        self._retain(alloc, [y, out, handle.token_slot, handle.recv_offsets])
         return out
 
     # ---- teardown ---------------------------------------------------------------

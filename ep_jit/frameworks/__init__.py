@@ -20,7 +20,8 @@ class Adapter(Protocol):
     def is_contiguous(self, t: Any) -> bool: ...
     def current_stream(self, device: int) -> int: ...
     def stream_handle(self, stream: Any) -> int | None: ...  # a stream object of this framework, else None
-    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int) -> Any: ...
+    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> Any: ...
+    # stream: None for the framework's current stream, else the handle the memory will be used on
 
 
 def paddle_torch_proxy_active() -> bool:
@@ -30,18 +31,21 @@ def paddle_torch_proxy_active() -> bool:
                                   "paddle" in str(getattr(torch, "__file__", "")))
 
 
+_MODULES = {"torch": ("torch", "TorchAdapter"), "cupy": ("cupy", "CupyAdapter"), "paddle": ("paddle", "PaddleAdapter")}
+_adapters: dict[str, Adapter] = {}
+
+
 def adapter_for(x: Any) -> Adapter:
+    """The adapter of x's framework, chosen by `type(x).__module__`."""
     module = type(x).__module__.split(".")[0]
-    if module == "torch":
-        from .torch import TorchAdapter
-        return TorchAdapter()
-    if module == "cupy":
-        from .cupy import CupyAdapter
-        return CupyAdapter()
-    if module == "paddle":
-        from .paddle import PaddleAdapter
-        return PaddleAdapter()
-    raise TypeError(f"expected a torch, cupy or paddle tensor, got {type(x).__module__}.{type(x).__name__}")
+    adapter = _adapters.get(module)
+    if adapter is None:
+        if module not in _MODULES:
+            raise TypeError(f"expected a torch, cupy or paddle tensor, got {type(x).__module__}.{type(x).__name__}")
+        import importlib
+        name, cls = _MODULES[module]
+        adapter = _adapters[module] = getattr(importlib.import_module(f"{__name__}.{name}"), cls)()
+    return adapter
 
 
 def resolve_stream(stream: Any, adapter: Adapter, device: int) -> int:
@@ -71,11 +75,11 @@ def _others(adapter: Adapter) -> list[Adapter]:
     """Adapters of the other installed frameworks (a stream may come from any of them)."""
     import importlib
     found = []
-    for module, cls in (("torch", "TorchAdapter"), ("cupy", "CupyAdapter"), ("paddle", "PaddleAdapter")):
+    for module, (name, cls) in _MODULES.items():
         if module == adapter.name:
             continue
         try:
-            found.append(getattr(importlib.import_module(f"{__name__}.{module}"), cls)())
+            found.append(getattr(importlib.import_module(f"{__name__}.{name}"), cls)())
         except ImportError:
             continue
     return found

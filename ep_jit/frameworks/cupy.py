@@ -36,7 +36,7 @@ class CupyAdapter:
     def stream_handle(self, stream: Any) -> int | None:
         return stream.ptr if isinstance(stream, cupy.cuda.Stream) else None
 
-    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int) -> cupy.ndarray:
+    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> cupy.ndarray:
         import numpy
         np_dtype = numpy.dtype(_NUMPY[dtype]) if dtype in ("float32", "int64", "int32", "bool") else _ml_dtype(dtype)
         with cupy.cuda.Device(device):

@@ -66,7 +66,7 @@ class PaddleAdapter:
     def stream_handle(self, stream: Any) -> int | None:
         return stream_handle_of(stream) if type(stream).__module__.startswith("paddle") else None
 
-    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int) -> paddle.Tensor:
+    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> paddle.Tensor:
         current = paddle.device.get_device()
         if current != f"gpu:{device}":
             raise ValueError(f"device: expected paddle's current device to be gpu:{device} (the tensors' device), "

@@ -40,8 +40,8 @@ class TorchAdapter:
     def stream_handle(self, stream: Any) -> int | None:
         return stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else None
 
-    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int) -> torch.Tensor:
-        if stream == torch.cuda.current_stream(device).cuda_stream:
+    def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> torch.Tensor:
+        if stream is None:
             return torch.empty(tuple(shape), dtype=_TORCH[dtype], device=f"cuda:{device}")
         # the caching allocator ties a block to the stream current at allocation
         with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=f"cuda:{device}")):
