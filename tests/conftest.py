@@ -61,11 +61,19 @@ def template_copy(tmp_path, monkeypatch):
     return copy
 
 
-def free_port() -> int:
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free right now (all sockets are held until every port is chosen)."""
+    import contextlib
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def run_py(code: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:

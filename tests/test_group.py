@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from conftest import free_port, run_py
+from conftest import free_port, free_ports, run_py
 from ep_jit import GroupInfo, member_hash
 
 
@@ -118,17 +118,17 @@ PADDLE_WORKER = textwrap.dedent("""
 """)
 
 
-def _paddle_env(world: int, port: int):
-    eps = ",".join(f"127.0.0.1:{port + i}" for i in range(world))
+def _paddle_env(world: int):
+    ports = free_ports(world)
+    eps = ",".join(f"127.0.0.1:{p}" for p in ports)
     return lambda r: {"PADDLE_TRAINER_ID": str(r), "PADDLE_TRAINERS_NUM": str(world),
-                      "PADDLE_TRAINER_ENDPOINTS": eps, "PADDLE_CURRENT_ENDPOINT": f"127.0.0.1:{port + r}",
+                      "PADDLE_TRAINER_ENDPOINTS": eps, "PADDLE_CURRENT_ENDPOINT": f"127.0.0.1:{ports[r]}",
                       "PADDLE_DISTRI_BACKEND": "gloo", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def test_paddle_gloo_groups_hash_like_torch():
     pytest.importorskip("paddle")
-    base = free_port()
-    outs = _spawn(PADDLE_WORKER, 3, _paddle_env(3, base + 1))
+    outs = _spawn(PADDLE_WORKER, 3, _paddle_env(3))
     for r, out in enumerate(outs):
         assert _lines(out, "WORLD") == [(member_hash([0, 1, 2]), r)]
     assert _lines(outs[1], "SUB") == [(member_hash([1, 2]), 0)]

@@ -94,30 +94,39 @@ WORKER = textwrap.dedent("""
     from ep_jit.frameworks import object_all_gather
     dist.init_parallel_env()
     rank, world = dist.get_rank(), dist.get_world_size()
-    sub = dist.new_group(list(range(world))[::-1], backend="gloo")  # paddle sorts a group's ranks
-    single = dist.new_group([rank], backend="gloo")
-    g = GroupInfo.from_paddle(sub)
-    gathered = object_all_gather(sub, g.size)({"rank": rank})
-    mine = GroupInfo.from_paddle(single)
-    assert list(g.members) == list(sub.ranks)
-    print("SUB", g.member_hash, g.rank, ",".join(str(m) for m in g.members))
-    print("GATHER", ",".join(str(d["rank"]) for d in gathered))
-    print("SINGLE", mine.member_hash, mine.rank, single.rank)
+    members = list(range(1, world))[::-1]                    # every rank but 0, given in reverse
+    sub = dist.new_group(members, backend="gloo")           # paddle keeps a group's ranks ascending
+    single = dist.new_group([0], backend="gloo")            # the same calls on every rank, as paddle wants
+    if rank in members:
+        g = GroupInfo.from_paddle(sub)
+        assert list(g.members) == list(sub.ranks)
+        gathered = object_all_gather(sub, g.size)({"rank": rank})
+        print("SUB", g.member_hash, g.rank, ",".join(str(m) for m in g.members))
+        print("GATHER", ",".join(str(d["rank"]) for d in gathered))
+    else:
+        try:
+            GroupInfo.from_paddle(sub)
+        except ValueError as e:
+            print("OUTSIDER", "not a member" in str(e))
+        mine = GroupInfo.from_paddle(single)
+        print("SINGLE", mine.member_hash, mine.rank, single.rank)
     dist.barrier()
 """)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [3])  # 4 CPU gloo processes time out on 2-core machines
 def test_paddle_gloo_groups(world):
-    from conftest import free_port
     from test_group import _lines, _paddle_env, _spawn
-    outs = _spawn(WORKER, world, _paddle_env(world, free_port() + 1))
-    members = list(range(world))  # group.ranks comes back ascending
+    outs = _spawn(WORKER, world, _paddle_env(world))
+    members = list(range(1, world))  # group.ranks comes back ascending
     for r, out in enumerate(outs):
+        if r == 0:
+            assert "OUTSIDER True" in out
+            (single,) = [l.split() for l in out.splitlines() if l.startswith("SINGLE ")]
+            assert single[1:3] == [member_hash([0]), "0"]  # GroupInfo's rank is 0 ...
+            assert single[3] == "-1"  # ... though paddle reports -1 for a single-member group
+            continue
         (h, grank), = _lines(out, "SUB")
         assert h == member_hash(members) and grank == members.index(r)
         gather = next(l for l in out.splitlines() if l.startswith("GATHER ")).split()[1]
         assert gather == ",".join(str(m) for m in members)  # group-rank order, nothing appended twice
-        single = next(l for l in out.splitlines() if l.startswith("SINGLE ")).split()
-        assert single[1:3] == [member_hash([r]), "0"]  # GroupInfo's rank is 0 ...
-        assert single[3] == "-1"  # ... though paddle reports -1 for a single-member group

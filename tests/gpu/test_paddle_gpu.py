@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import GPU_COUNT, REPO, free_port
+from conftest import GPU_COUNT, REPO, free_ports
 
 paddle = pytest.importorskip("paddle")
 
@@ -18,13 +18,13 @@ def test_paddle_dispatch_combine_match_reference(world):
         pytest.skip("paddle is a CPU build")
     if GPU_COUNT < world:
         pytest.skip(f"needs {world} GPUs, found {GPU_COUNT}")
-    port = free_port()
-    eps = ",".join(f"127.0.0.1:{port + i}" for i in range(world))
+    ports = free_ports(world)
+    eps = ",".join(f"127.0.0.1:{p}" for p in ports)
     procs = []
     for r in range(world):
         env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": str(world),
                "PADDLE_TRAINER_ID": str(r), "PADDLE_TRAINERS_NUM": str(world), "PADDLE_TRAINER_ENDPOINTS": eps,
-               "PADDLE_CURRENT_ENDPOINT": f"127.0.0.1:{port + r}"}
+               "PADDLE_CURRENT_ENDPOINT": f"127.0.0.1:{ports[r]}"}
         procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "ep_worker_paddle.py")], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for r, p in enumerate(procs):
