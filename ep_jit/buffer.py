@@ -107,6 +107,9 @@ class Buffer:
             if R > 1:
                 raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
             gather = lambda obj: [obj]  # noqa: E731
+        self._check_same_everywhere(gather, dict(members=list(self.group.members), hidden=hidden,
+                                                 num_experts=num_experts, topk=topk, dtype=self.dtype,
+                                                 max_tokens_per_rank=self.max_tokens, num_sms=num_sms))
         use_device(self.device)
         sm_count = device_attribute(self.device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         self.num_sms = _positive("num_sms", num_sms)
@@ -146,6 +149,17 @@ class Buffer:
         self.closed = False
 
     # ---- checks ---------------------------------------------------------------
+
+    def _check_same_everywhere(self, gather: Callable[[Any], list], config: dict) -> None:
+        """Every member must build the Buffer with the same arguments: the symmetric
+        buffers' layout and the kernels depend on them. Raises on every rank alike."""
+        everyone = gather(config)
+        differ = sorted({k for other in everyone for k in config if other.get(k) != config[k]})
+        if differ:
+            ranks = [r for r, other in enumerate(everyone) if other != everyone[0]]
+            raise ValueError(f"group: expected every member to pass the same {', '.join(differ)}; ranks {ranks} "
+                             f"differ from rank 0 ({ {k: everyone[0][k] for k in differ} } vs "
+                             f"{ {k: everyone[r][k] for k in differ for r in ranks[:1]} })")
 
     def _check_error(self) -> None:
         """Raise if a kernel gave up waiting for a peer."""
