@@ -168,7 +168,7 @@ class Buffer:
         error = self.mailbox.status[0]
         if error:
             phase, peer = error >> 16, (error & 0xFFFF) - 1
-            self.closed = True
+            self.close(wait_for_peers=False)  # the group is broken: free everything now
             raise PeerTimeout(f"rank {peer} (global rank {self.group.members[peer]}) did not respond within "
                               f"{self.timeout_s:g} s in {PHASES.get(phase, phase)}; this Buffer is unusable")
 
@@ -323,7 +323,7 @@ class Buffer:
             spins += 1
             if spins > 10000:
                 if time.monotonic() > deadline:
-                    self.closed = True
+                    self.close(wait_for_peers=False)
                     raise PeerTimeout(f"count exchange: no answer from the device within {self.timeout_s + 1:g} s")
                 time.sleep(20e-6)
         self._check_error()
@@ -357,15 +357,18 @@ class Buffer:
 
     # ---- teardown ---------------------------------------------------------------
 
-    def close(self) -> None:
-        """Free the symmetric buffer and the workspaces (also done at exit). Collective: a
-        peer may still be reading this rank's memory until it has finished its last op."""
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Free the symmetric buffer and the workspaces (also done at exit, and at once when
+        a peer times out). Collective by default: a peer may still be reading this rank's
+        memory until it has finished its last operation. `wait_for_peers=False` frees
+        without waiting, for a group that is already broken."""
         if not self._finalizer.alive:
             return
         self.closed = True
-        use_device(self.device)
-        check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
-        self._gather(None)  # barrier: every member has finished its last operation
+        if wait_for_peers:
+            use_device(self.device)
+            check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+            self._gather(None)  # barrier: every member has finished its last operation
         self.sym.close()
         self._finalizer()
 
