@@ -96,7 +96,8 @@ class Buffer:
         self.hidden, self.num_experts, self.topk = hidden, num_experts, topk
         self.max_tokens = _positive("max_tokens_per_rank", max_tokens_per_rank)
         self.dtype = canonical_dtype(dtype)
-        if isinstance(num_experts, int) and (R > MAX_RANKS or num_experts // R > MAX_LOCAL_EXPERTS):
+        _positive("num_experts", num_experts)  # the rest of the shape is checked by KernelSpec
+        if R > MAX_RANKS or num_experts // R > MAX_LOCAL_EXPERTS:
             raise ValueError(f"group: expected at most {MAX_RANKS} ranks and {MAX_LOCAL_EXPERTS} experts per rank, "
                              f"got {R} ranks and {num_experts} experts")
         self.device = device if device is not None else group_device(group)
