@@ -31,7 +31,7 @@ def rank_main():
     import torch
     import torch.distributed as dist
     import ep_jit
-    from ep_jit.buffer import COPY_THREADS
+    from ep_jit.transports import COPY_THREADS
     rank = int(os.environ["RANK"])
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
@@ -46,16 +46,17 @@ def rank_main():
     torch.cuda.synchronize()
     dist.barrier()
     s = torch.cuda.current_stream().cuda_stream
-    L, peers, status, r = buf.layout, buf.sym.peer_table, buf._status, buf.group.rank
+    nv = buf._transport  # the NVLink transport's internals, probed kernel by kernel
+    L, peers, status, r = nv.layout, nv.sym.peer_table, nv._status, buf.group.rank
     h = res.handle
     p = lambda t: t.data_ptr()  # noqa: E731
-    d, c = buf.modules["dispatch"], buf.modules["combine"]
+    d, c = nv.modules["dispatch"], nv.modules["combine"]
     runs = {
         "stage": (d[0], (p(x), 0, p(idx), p(w), p(h.token_slot), T, peers, L, r, 0, 10**9, status)),
         "pull": (d[1], (p(res.recv_x), 0, p(res.recv_topk_idx), p(res.recv_topk_weights), h.num_recv,
-                        p(h.recv_offsets), peers, L, r, 1, status, buf._counters)),
-        "push": (c[0], (p(y), h.num_recv, p(h.recv_offsets), peers, L, r, 2, 0, 10**9, status, buf._counters + 4)),
-        "reduce": (c[1], (p(out), p(h.token_slot), T, peers, L, r, 2, 10**9, status, buf._counters + 8)),
+                        p(h.recv_offsets), peers, L, r, 1, status, nv._counters)),
+        "push": (c[0], (p(y), h.num_recv, p(h.recv_offsets), peers, L, r, 2, 0, 10**9, status, nv._counters + 4)),
+        "reduce": (c[1], (p(out), p(h.token_slot), T, peers, L, r, 2, 10**9, status, nv._counters + 8)),
     }
     results = {}
     for name, (kern, args) in runs.items():

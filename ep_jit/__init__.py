@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 import os as _os
 
 from . import config as _config
-from .errors import CompileError, ConfigError, EPJitError
+from .errors import CompileError, ConfigError, EPJitError, PeerTimeout
 from .group import GroupInfo, member_hash
 from .jit import get_kernel, stats
 from .spec import KernelSpec
@@ -22,5 +22,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ep_jit' has no attribute {name!r}")
 
 
-__all__ = ["Buffer", "CompileError", "ConfigError", "EPJitError", "GroupInfo", "KernelSpec",
+__all__ = ["Buffer", "CompileError", "ConfigError", "EPJitError", "GroupInfo", "KernelSpec", "PeerTimeout",
            "__version__", "get_kernel", "member_hash", "stats"]

@@ -23,3 +23,7 @@ class CompileError(EPJitError):
         self.key = key
         self.log = log
         self.source = source
+
+
+class PeerTimeout(EPJitError):
+    """A peer did not reach a phase in time; the Buffer cannot be used any more."""

@@ -15,7 +15,12 @@ from typing import Sequence
 from .group import member_hash
 from .spec import KernelSpec
 
-BUFFER_TEMPLATES: tuple[str, ...] = ("layout", "notify", "dispatch", "combine")
+# The templates of each transport. "nvlink" moves tokens through symmetric memory inside one
+# NVLink domain; "collective" through the group framework's all_to_all, anywhere.
+TRANSPORT_TEMPLATES: dict[str, tuple[str, ...]] = {"nvlink": ("layout", "notify", "dispatch", "combine"),
+                                                   "collective": ("layout", "collective")}
+TRANSPORTS = tuple(TRANSPORT_TEMPLATES)
+BUFFER_TEMPLATES: tuple[str, ...] = tuple(dict.fromkeys(t for ts in TRANSPORT_TEMPLATES.values() for t in ts))
 MAX_RANKS, MAX_LOCAL_EXPERTS = 64, 1024
 
 
@@ -51,11 +56,25 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], ...]] = {
                  (P, P, P, P, c_int, P, P, SymLayout, c_int, P, Status, P)),          # pull
     "combine": ((P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P),          # push
                 (P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status, P)),         # reduce
+    "collective": ((P, c_int, P, P, P),                                               # count
+                   (P, P, P, P, P, c_int, P, P),                                      # pack
+                   (P, c_int, P, P, P, P),                                            # unpack
+                   (P, P, c_int, P, P)),                                              # sum
 }
 
 
+def packed_row_bytes(hidden: int, topk: int, dtype: str) -> int:
+    """Bytes of one row the collective transport sends (struct PackedRow, collective.cu):
+    x, fp8 scales, int32 top-k ids and fp32 weights, padded to 16 bytes."""
+    scales = hidden // 128 * 4 if dtype == "fp8_e4m3" else 0
+    x = hidden * (1 if dtype == "fp8_e4m3" else 2)
+    return (x + scales + 8 * topk + 15) // 16 * 16
+
+
 def buffer_specs(*, hidden: int, num_experts: int, topk: int, dtype: str, members: Sequence[int],
-                 arch: str) -> list[KernelSpec]:
-    """Every spec a Buffer over `members` needs for this model shape."""
+                 arch: str, transport: str | None = None) -> list[KernelSpec]:
+    """Every spec a Buffer over `members` needs for this model shape, with one transport
+    or (None, for warming ahead of time) with either."""
     mh = member_hash(members)
-    return [KernelSpec(t, hidden, num_experts, len(members), topk, dtype, mh, arch) for t in BUFFER_TEMPLATES]
+    templates = BUFFER_TEMPLATES if transport is None else TRANSPORT_TEMPLATES[transport]
+    return [KernelSpec(t, hidden, num_experts, len(members), topk, dtype, mh, arch) for t in templates]

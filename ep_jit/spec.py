@@ -33,6 +33,7 @@ TEMPLATES: dict[str, Template] = {
         Template("notify", "notify.cu", ("notify_kernel",)),
         Template("dispatch", "dispatch.cu", ("stage_kernel", "pull_kernel")),
         Template("combine", "combine.cu", ("push_kernel", "reduce_kernel")),
+        Template("collective", "collective.cu", ("count_kernel", "pack_kernel", "unpack_kernel", "sum_kernel")),
     )
 }
 

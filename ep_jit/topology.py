@@ -53,8 +53,8 @@ def verify_nvlink_domain(endpoints: list[Endpoint], me: int, device: int) -> Non
     if elsewhere:
         raise TopologyError(
             f"group: expected every member on host {mine.hostname!r} (one NVLink domain), but ranks "
-            f"{[e.rank for e in elsewhere]} are on {sorted({e.hostname for e in elsewhere})}; groups that span "
-            "NVLink domains are not supported by this path")
+            f"{[e.rank for e in elsewhere]} are on {sorted({e.hostname for e in elsewhere})}; for a group that "
+            "spans NVLink domains, pass transport='collective'")
     uuids = [e.gpu_uuid for e in endpoints]
     if len(set(uuids)) != len(uuids):
         raise TopologyError(f"group: expected one GPU per member, got GPU UUIDs {uuids}")
@@ -74,4 +74,5 @@ def verify_nvlink_domain(endpoints: list[Endpoint], me: int, device: int) -> Non
     if unreachable:
         detail = "; ".join(f"rank {r}: {why}" for r, why in unreachable)
         raise TopologyError(f"group: rank {me} cannot reach the GPU memory of ranks "
-                            f"{[r for r, _ in unreachable]} directly ({detail})")
+                            f"{[r for r, _ in unreachable]} directly ({detail}); "
+                            "transport='collective' moves tokens without peer access")

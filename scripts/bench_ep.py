@@ -7,7 +7,9 @@ Spawns one process per GPU. Per rank and per phase it reports GB/s by the common
 formula: received rows x row bytes / time (CUDA events, median after warm-up). fp8 rows
 count their fp32 scales. The baseline is the dispatcher training frameworks build from
 torch: permute by destination, torch.distributed.all_to_all_single, unpermute (and the
-reverse plus index_add for combine). Also reports the peer-copy bandwidth GPU0 -> GPU1.
+reverse plus index_add for combine). Also reports ep_jit's collective transport (the
+path for groups that span NVLink domains: ep_jit's permute kernels around NCCL's
+all_to_all) and the peer-copy bandwidth GPU0 -> GPU1.
 """
 
 from __future__ import annotations
@@ -150,6 +152,12 @@ def rank_main(args: argparse.Namespace) -> None:
             if args.profile:  # every rank runs it (the ops are collective); rank 0 prints
                 profile(lambda: buf.dispatch(x, idx, w, sc), f"{dtype} dispatch", rank == 0)
                 profile(lambda: buf.combine(y, res.handle), f"{dtype} combine", rank == 0)
+        with ep_jit.Buffer(dist.group.WORLD, H, E, K, T, dtype=dtype, num_sms=args.sms,
+                           transport="collective") as coll:
+            cres = coll.dispatch(x, idx, w, sc)
+            assert cres.handle.num_recv == n
+            cd_ms = time_ms(lambda: coll.dispatch(x, idx, w, sc), args.iters, args.warmup)
+            cc_ms = time_ms(lambda: coll.combine(y, cres.handle), args.iters, args.warmup)
         (bx, *_), state = base.dispatch(x, idx, w, sc)
         assert bx.shape[0] == n
         bd_ms = time_ms(lambda: base.dispatch(x, idx, w, sc), args.iters, args.warmup)
@@ -158,6 +166,8 @@ def rank_main(args: argparse.Namespace) -> None:
         results[dtype] = {
             "recv_rows": n, "dispatch_ms": d_ms, "dispatch_nonblocking_ms": nb_ms, "combine_ms": c_ms,
             "baseline_dispatch_ms": bd_ms, "baseline_combine_ms": bc_ms,
+            "collective_dispatch_ms": cd_ms, "collective_combine_ms": cc_ms,
+            "collective_dispatch_GBps": gb(n, row_bytes, cd_ms), "collective_combine_GBps": gb(n, H * 2, cc_ms),
             "dispatch_GBps": gb(n, row_bytes, d_ms), "dispatch_nonblocking_GBps": gb(n, row_bytes, nb_ms),
             "combine_GBps": gb(n, H * 2, c_ms), "baseline_dispatch_GBps": gb(n, row_bytes, bd_ms),
             "baseline_combine_GBps": gb(n, H * 2, bc_ms)}
@@ -211,6 +221,10 @@ def main() -> None:
                   f"{d['baseline_' + phase + '_ms'] / d[phase + '_ms']:8.2f}x")
         print(f"{dtype:9} {'dispatch (non-blocking)':9} {d['dispatch_nonblocking_GBps']:12.1f} "
               f"{d['dispatch_nonblocking_ms']:8.3f}")
+        for phase in ("dispatch", "combine"):
+            print(f"{dtype:9} {phase + ' (transport=collective)':9} {d['collective_' + phase + '_GBps']:12.1f} "
+                  f"{d['collective_' + phase + '_ms']:8.3f} {'':10} {'':8} "
+                  f"{d['baseline_' + phase + '_ms'] / d['collective_' + phase + '_ms']:8.2f}x")
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))
 

@@ -61,40 +61,14 @@ reduce_kernel(bf16* __restrict__ out, const int* __restrict__ token_slot, int nu
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
-    // several vectors per lane per step, so about eight 16-byte loads are in flight
-    constexpr int kU = NUM_RANKS >= 8 ? 1 : 8 / NUM_RANKS;
     for (int t = warp; t < num_tokens; t += num_warps) {
-        int slot[NUM_RANKS];
+        const int4* from[NUM_RANKS];
 #pragma unroll
-        for (int r = 0; r < NUM_RANKS; ++r) slot[r] = token_slot[static_cast<int64_t>(t) * NUM_RANKS + r];
-        for (int v0 = lane; v0 < kVecs; v0 += kWarpSize * kU) {
-            int4 raw[kU][NUM_RANKS];
-#pragma unroll
-            for (int u = 0; u < kU; ++u)
-#pragma unroll
-                for (int r = 0; r < NUM_RANKS; ++r) {
-                    const int v = v0 + u * kWarpSize;
-                    if (v < kVecs && slot[r] >= 0) raw[u][r] = rows[(static_cast<int64_t>(r) * L.max_tokens + slot[r]) * kVecs + v];
-                }
-#pragma unroll
-            for (int u = 0; u < kU; ++u) {
-                const int v = v0 + u * kWarpSize;
-                if (v >= kVecs) break;
-                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-                for (int r = 0; r < NUM_RANKS; ++r) {
-                    if (slot[r] < 0) continue;
-                    const bf16* h = reinterpret_cast<const bf16*>(&raw[u][r]);
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[i] += __bfloat162float(h[i]);
-                }
-                int4 packed;
-                bf16* o = reinterpret_cast<bf16*>(&packed);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16(acc[i]);
-                reinterpret_cast<int4*>(out)[static_cast<int64_t>(t) * kVecs + v] = packed;
-            }
+        for (int r = 0; r < NUM_RANKS; ++r) {
+            const int slot = token_slot[static_cast<int64_t>(t) * NUM_RANKS + r];
+            from[r] = slot < 0 ? nullptr : rows + (static_cast<int64_t>(r) * L.max_tokens + slot) * kVecs;
         }
+        warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from, lane);
     }
     grid_done_post<NUM_RANKS>(counter, peers, L, kCombineConsumed, rank, make_flag(TAG, seq), &seqs->combine, seq);
 }

@@ -226,6 +226,44 @@ struct PeerChunks {
     }
 };
 
+// ---- fp32 sum of bf16 rows ----------------------------------------------------
+// A warp writes dst = sum of the rows in `from` (nullptr = absent), accumulated in fp32
+// in rank order, so the result does not depend on scheduling. Several vectors per lane
+// per step keep about eight 16-byte loads in flight.
+template <int kVecs, int NUM_RANKS>
+__device__ __forceinline__ void warp_sum_rows(int4* __restrict__ dst, const int4* const (&from)[NUM_RANKS],
+                                              int lane) {
+    constexpr int kU = NUM_RANKS >= 8 ? 1 : 8 / NUM_RANKS;
+    for (int v0 = lane; v0 < kVecs; v0 += kWarpSize * kU) {
+        int4 raw[kU][NUM_RANKS];
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+#pragma unroll
+            for (int r = 0; r < NUM_RANKS; ++r) {
+                const int v = v0 + u * kWarpSize;
+                if (v < kVecs && from[r] != nullptr) raw[u][r] = from[r][v];
+            }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int v = v0 + u * kWarpSize;
+            if (v >= kVecs) break;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+            for (int r = 0; r < NUM_RANKS; ++r) {
+                if (from[r] == nullptr) continue;
+                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw[u][r]);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[i] += __bfloat162float(h[i]);
+            }
+            int4 packed;
+            __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&packed);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o[i] = __float2bfloat16(acc[i]);
+            dst[v] = packed;
+        }
+    }
+}
+
 // ---- block-wide exclusive scan of one int per thread ------------------------
 
 template <int kThreads>

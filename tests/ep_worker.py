@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from ep_reference import combine_reference, dispatch_reference, expert_output  # noqa: E402
 
 import ep_jit  # noqa: E402
-from ep_jit.buffer import PeerTimeout  # noqa: E402
+from ep_jit.errors import PeerTimeout  # noqa: E402
 
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 SEED = int(os.environ.get("EP_TEST_SEED", "1234"))
@@ -110,13 +110,14 @@ def check_round(buf, data, E, H, dtype, stream=None, capacity=None) -> None:
 
 
 SHAPES = [(2048, 8, 1), (2048, 8, 2), (2048, 64, 8), (7168, 64, 2), (7168, 256, 8), (2048, 256, 8)]
+CASES = [*[(s, "bf16") for s in SHAPES], ((7168, 256, 8), "fp8_e4m3"), ((2048, 64, 2), "fp8_e4m3")]
 KINDS = ["random", "skewed", "empty", "masked", "zero_on_one", "full"]
 
 
 def suite_full() -> int:
     n = 0
     side = torch.cuda.Stream(DEV)
-    for (H, E, K), dtype in [*[(s, "bf16") for s in SHAPES], ((7168, 256, 8), "fp8_e4m3"), ((2048, 64, 2), "fp8_e4m3")]:
+    for (H, E, K), dtype in CASES:
         if E % WORLD:
             continue
         with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=256, dtype=dtype, num_sms=8) as buf:
@@ -126,6 +127,64 @@ def suite_full() -> int:
                 check_round(buf, data, E, H, dtype, stream=side)             # non-default stream
                 check_round(buf, data, E, H, dtype, capacity=WORLD * 256)    # non-blocking mode
                 n += 3
+    return n
+
+
+def same_bits(a, b, data) -> None:
+    """Two Buffers (the two transports) give the same bits for the same dispatch and combine."""
+    g = [t.to(DEV) if t is not None else None for t in data[RANK]]
+    ra, rb = a.dispatch(*g), b.dispatch(*g)
+    for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "recv_scales", "tokens_per_expert"):
+        ta, tb = getattr(ra, name), getattr(rb, name)
+        assert (ta is None) == (tb is None) and (ta is None or torch.equal(bits(ta), bits(tb))), f"{name} differs"
+    y = expert_output(ra.recv_x, ra.recv_scales, RANK)
+    assert torch.equal(bits(a.combine(y, ra.handle)), bits(b.combine(y, rb.handle))), "combine differs"
+
+
+def suite_collective() -> int:
+    """transport='collective' (NCCL all_to_all): the reference checks, the same bits as the
+    NVLink transport, its errors, and rounds back to back."""
+    n = 0
+    side = torch.cuda.Stream(DEV)
+    for (H, E, K), dtype in CASES:
+        if E % WORLD:
+            continue
+        args = (dist.group.WORLD, H, E, K, 256, dtype, 8)
+        with ep_jit.Buffer(*args, transport="collective") as coll, ep_jit.Buffer(*args) as nvlink:
+            for i, kind in enumerate(KINDS):
+                data = inputs(kind, E, K, H, dtype, 256, SEED + 1000 * n + i)
+                check_round(coll, data, E, H, dtype)
+                check_round(coll, data, E, H, dtype, stream=side)
+                same_bits(coll, nvlink, data)
+                n += 3
+    H, E, K = 2048, 64, 2
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, 64, num_sms=4, transport="collective") as buf:
+        x = torch.randn(32, H, device=DEV).bfloat16()
+        idx = torch.randint(0, E, (32, K), device=DEV)
+        w = torch.rand(32, K, device=DEV)
+        bad = idx.clone()
+        if RANK == 1:
+            bad[5, 1] = -3
+        n += expect(ValueError, "rank 1 passed an id outside that range at [5, 1]", lambda: buf.dispatch(x, bad, w))
+        n += expect(ValueError, "capacity: expected None with transport='collective'",
+                    lambda: buf.dispatch(x, idx, w, capacity=64))
+        try:
+            import cupy
+            n += expect(TypeError, "x: expected torch tensors, the framework of the group",
+                        lambda: buf.dispatch(cupy.asarray(x.view(torch.int16)).view(_cupy_bf16()),
+                                             cupy.asarray(idx), cupy.asarray(w)))
+        except ImportError:
+            pass
+        data = inputs("random", E, K, H, "bf16", 64, SEED + 5)
+        g = [t.to(DEV) if t is not None else None for t in data[RANK]]
+        first = None
+        for i in range(300):  # back to back, still exact afterwards
+            res = buf.dispatch(*g[:3])
+            out = buf.combine(expert_output(res.recv_x, None, RANK), res.handle)
+            first = out.clone() if first is None else first
+        assert torch.equal(bits(out), bits(first)), "rounds drifted"
+        check_round(buf, data, E, H, "bf16")
+        n += 300
     return n
 
 

@@ -35,3 +35,11 @@ def test_bad_arguments(kwargs, needle):
     args.update(kwargs)
     with pytest.raises(ValueError, match=needle):
         Buffer(**args)
+
+
+def test_transport_is_checked_before_any_cuda_call():
+    args = dict(group=GroupInfo([0], 0), hidden=2048, num_experts=64, topk=2, max_tokens_per_rank=128, device=0)
+    with pytest.raises(ValueError, match=r"transport: expected one of \['nvlink', 'collective'\], got 'nccl'"):
+        Buffer(**args, transport="nccl")
+    with pytest.raises(TypeError, match="group: expected a torch or paddle process group for transport='collective'"):
+        Buffer(**args, transport="collective")

@@ -6,8 +6,8 @@ import ctypes
 from cuda.bindings import nvrtc
 
 from ep_jit.compiler import cuda_include_dirs, template_dir
-from ep_jit.kernels import SIGNATURES, Mailbox, Status, SymLayout
-from ep_jit.spec import TEMPLATES
+from ep_jit.kernels import SIGNATURES, Mailbox, Status, SymLayout, packed_row_bytes
+from ep_jit.spec import DTYPES, TEMPLATES
 
 
 def _compile(source: str) -> tuple[bool, str]:
@@ -43,6 +43,15 @@ def test_structs_match_their_ctypes_mirrors():
     assert ok, log
 
 
+def test_packed_rows_match_their_host_size():
+    checks = [f"static_assert(ep_jit::PackedRow<{h}, {k}, {DTYPES[d]}>::kBytes == {packed_row_bytes(h, k, d)}, "
+              f"\"PackedRow {h} {k} {d}\");"
+              for h in (128, 2048, 7168) for k in (1, 2, 8, 9) for d in DTYPES]
+    ok, log = _compile('#include "collective.cu"\n' + "\n".join(checks) + "\n")
+    assert ok, log
+
+
 def test_every_kernel_has_a_signature():
-    for name in ("layout", "notify", "dispatch", "combine"):
-        assert len(SIGNATURES[name]) == len(TEMPLATES[name].kernels)
+    assert set(SIGNATURES) == set(TEMPLATES)
+    for name, template in TEMPLATES.items():
+        assert len(SIGNATURES[name]) == len(template.kernels)

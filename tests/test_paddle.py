@@ -89,7 +89,8 @@ def test_torch_proxy_routes_to_paddle():
 
 
 WORKER = textwrap.dedent("""
-    import paddle.distributed as dist
+    import paddle, paddle.distributed as dist
+    from ep_jit.frameworks.paddle import PaddleAdapter
     from ep_jit import GroupInfo
     from ep_jit.frameworks import object_all_gather
     dist.init_parallel_env()
@@ -101,6 +102,9 @@ WORKER = textwrap.dedent("""
         g = GroupInfo.from_paddle(sub)
         assert list(g.members) == list(sub.ranks)
         gathered = object_all_gather(sub, g.size)({"rank": rank})
+        out = paddle.full([2 * g.size], -7, dtype="int32")           # the collective transport's all_gather
+        PaddleAdapter().all_gather(sub, out, paddle.to_tensor([rank, 10 * rank], dtype="int32"), None)
+        print("TENSORS", ",".join(str(v) for v in out.tolist()))
         print("SUB", g.member_hash, g.rank, ",".join(str(m) for m in g.members))
         print("GATHER", ",".join(str(d["rank"]) for d in gathered))
     else:
@@ -130,3 +134,5 @@ def test_paddle_gloo_groups(world):
         assert h == member_hash(members) and grank == members.index(r)
         gather = next(l for l in out.splitlines() if l.startswith("GATHER ")).split()[1]
         assert gather == ",".join(str(m) for m in members)  # group-rank order, nothing appended twice
+        tensors = next(l for l in out.splitlines() if l.startswith("TENSORS ")).split()[1]
+        assert tensors == ",".join(f"{m},{10 * m}" for m in members)

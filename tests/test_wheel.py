@@ -8,6 +8,8 @@ import zipfile
 
 from conftest import REPO
 
+from ep_jit.kernels import BUFFER_TEMPLATES
+
 
 def test_wheel_installs_into_fresh_venv_and_compiles(tmp_path):
     wheels = tmp_path / "wheels"
@@ -16,8 +18,10 @@ def test_wheel_installs_into_fresh_venv_and_compiles(tmp_path):
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("ep_jit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "ep_jit/templates/layout.cu" in names and "ep_jit/templates/ep_common.cuh" in names
-    assert "cache_tools/cli.py" in names
+    sources = [p.relative_to(REPO).as_posix() for d in ("ep_jit", "cache_tools") for p in (REPO / d).rglob("*.py")]
+    assert sources and not set(sources) - set(names), "modules missing from the wheel"
+    templates = [f"ep_jit/templates/{p.name}" for p in (REPO / "templates").iterdir() if p.suffix in (".cu", ".cuh")]
+    assert templates and not set(templates) - set(names), "templates missing from the wheel"
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -33,10 +37,10 @@ def test_wheel_installs_into_fresh_venv_and_compiles(tmp_path):
     out = subprocess.run([str(venv / "bin" / "ep-jit-warm"), "--preset", "tiny", "--json"], cwd=tmp_path,
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["compiled"] == 4  # the kernels of one Buffer
+    assert json.loads(out.stdout)["compiled"] == len(BUFFER_TEMPLATES)  # a Buffer's kernels, either transport
     where = subprocess.run([str(py), "-c", "import ep_jit.compiler as c; print(c.template_dir())"], cwd=tmp_path,
                            env=env, capture_output=True, text=True).stdout.strip()
     assert where.startswith(sp), where  # templates came from the installed wheel, not the source tree
     listing = subprocess.run([str(venv / "bin" / "cache-inspect"), "list", "--json"], cwd=tmp_path, env=env,
                              capture_output=True, text=True)
-    assert listing.returncode == 0 and len(json.loads(listing.stdout)) == 4
+    assert listing.returncode == 0 and len(json.loads(listing.stdout)) == len(BUFFER_TEMPLATES)

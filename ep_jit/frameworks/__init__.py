@@ -22,6 +22,10 @@ class Adapter(Protocol):
     def stream_handle(self, stream: Any) -> int | None: ...  # a stream object of this framework, else None
     def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> Any: ...
     # stream: None for the framework's current stream, else the handle the memory will be used on
+    # Collectives of a process group of this framework (torch and paddle), on `stream` as above:
+    def all_gather(self, group: Any, out: Any, inp: Any, stream: int | None) -> None: ...
+    def all_to_all(self, group: Any, out: Any, inp: Any, out_splits: list[int], in_splits: list[int],
+                   stream: int | None) -> None: ...
 
 
 def paddle_torch_proxy_active() -> bool:

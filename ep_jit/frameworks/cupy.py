@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import cupy
 
 _NAMES = {"bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3", "float32": "float32", "int64": "int64",
-          "int32": "int32", "bool": "bool"}
+          "int32": "int32", "bool": "bool", "uint8": "uint8"}
 _NUMPY = {v: k for k, v in _NAMES.items()}
 
 
@@ -38,7 +38,7 @@ class CupyAdapter:
 
     def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> cupy.ndarray:
         import numpy
-        np_dtype = numpy.dtype(_NUMPY[dtype]) if dtype in ("float32", "int64", "int32", "bool") else _ml_dtype(dtype)
+        np_dtype = numpy.dtype(_NUMPY[dtype]) if dtype in ("float32", "int64", "int32", "bool", "uint8") else _ml_dtype(dtype)
         with cupy.cuda.Device(device):
             return cupy.empty(tuple(shape), dtype=np_dtype)
 

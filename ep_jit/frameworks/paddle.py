@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import paddle
 
 _NAMES = {"bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3", "float32": "float32", "int64": "int64",
-          "int32": "int32", "bool": "bool"}
+          "int32": "int32", "bool": "bool", "uint8": "uint8"}
 _PADDLE = {v: k for k, v in _NAMES.items()}
 
 
@@ -72,3 +72,23 @@ class PaddleAdapter:
             raise ValueError(f"device: expected paddle's current device to be gpu:{device} (the tensors' device), "
                              f"got {current}; call paddle.device.set_device first")
         return paddle.empty(list(shape), dtype=_PADDLE[dtype])
+
+    def all_gather(self, group: Any, out: paddle.Tensor, inp: paddle.Tensor, stream: int | None) -> None:
+        _on_current_stream(stream)
+        from paddle.distributed.communication import stream as comm
+        comm.all_gather(out, inp, group=group, sync_op=True)  # a tensor: concatenated along dim 0
+
+    def all_to_all(self, group: Any, out: paddle.Tensor, inp: paddle.Tensor, out_splits: list[int],
+                   in_splits: list[int], stream: int | None) -> None:
+        _on_current_stream(stream)
+        # keywords: 2.6 takes (in_tensor, out_tensor, ...), 3.x (out_tensor, in_tensor, ...)
+        paddle.distributed.alltoall_single(out_tensor=out, in_tensor=inp, out_split_sizes=out_splits,
+                                           in_split_sizes=in_splits, group=group, sync_op=True)
+
+
+def _on_current_stream(stream: int | None) -> None:
+    """Paddle runs a collective after its current stream's work and makes that stream
+    wait for it; it cannot be pointed at another stream."""
+    if stream is not None:
+        raise ValueError(f"stream: expected Paddle's current stream for a collective of a Paddle group, got handle "
+                         f"{stream}; run the operation under paddle.device.stream_guard instead")

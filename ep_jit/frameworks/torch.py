@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
 from . import paddle_torch_proxy_active
 
@@ -12,7 +14,7 @@ if paddle_torch_proxy_active():  # paddle.enable_compat(): `torch` is Paddle, us
     raise ImportError("torch is Paddle's compatibility proxy here; tensors go through the Paddle adapter")
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "float32", torch.int64: "int64", torch.int32: "int32",
-           torch.bool: "bool", **({torch.float8_e4m3fn: "fp8_e4m3"} if hasattr(torch, "float8_e4m3fn") else {})}
+           torch.bool: "bool", torch.uint8: "uint8", **({torch.float8_e4m3fn: "fp8_e4m3"} if hasattr(torch, "float8_e4m3fn") else {})}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 
 
@@ -41,8 +43,26 @@ class TorchAdapter:
         return stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else None
 
     def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> torch.Tensor:
-        if stream is None:
-            return torch.empty(tuple(shape), dtype=_TORCH[dtype], device=f"cuda:{device}")
         # the caching allocator ties a block to the stream current at allocation
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=f"cuda:{device}")):
+        with _current(stream, torch.device("cuda", device)):
             return torch.empty(tuple(shape), dtype=_TORCH[dtype], device=f"cuda:{device}")
+
+    def all_gather(self, group: Any, out: torch.Tensor, inp: torch.Tensor, stream: int | None) -> None:
+        with _current(stream, out.device):
+            dist.all_gather_into_tensor(out, inp, group=group)
+
+    def all_to_all(self, group: Any, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int],
+                   in_splits: list[int], stream: int | None) -> None:
+        # ordered after the work queued on the current stream; that stream waits for it
+        with _current(stream, out.device):
+            dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
+
+
+@contextlib.contextmanager
+def _current(stream: int | None, device: torch.device) -> Iterator[None]:
+    """Make `stream` torch's current stream (None: leave the current one)."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+        yield

@@ -70,3 +70,9 @@ def test_stuck_peer_names_rank_and_phase():
 def test_cupy_arrays(world):
     pytest.importorskip("cupy")
     run_ranks("cupy", world)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_collective_transport(world):
+    run_ranks("collective", world)

@@ -1,0 +1,63 @@
+"""How a Buffer moves tokens. Each transport implements dispatch and combine for one
+kind of group; the Buffer checks every argument before a transport sees it.
+
+- nvlink: symmetric memory inside one NVLink domain (verified, never assumed).
+- collective: the group framework's all_to_all (NCCL), for groups that span domains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ..frameworks import Adapter
+
+COPY_THREADS, LAYOUT_THREADS = 512, 256
+
+
+class Operation(NamedTuple):
+    """One dispatch or combine: the tensors' adapter, the stream every step runs on, and
+    that stream again if it is not the framework's current one (else None)."""
+
+    adapter: Adapter
+    stream: int
+    foreign_stream: int | None
+
+    def empty(self, shape: tuple, dtype: str, device: int) -> Any:
+        return self.adapter.empty(shape, dtype, device, self.foreign_stream)
+
+
+@dataclass
+class Handle:
+    """What combine needs to know about one dispatch."""
+
+    buffer_id: int
+    framework: str
+    num_tokens: int
+    token_slot: Any            # [T, R] int32: slot of token t at rank r, or -1
+    is_token_in_rank: Any      # [T, R] bool
+    recv_offsets: Any          # [R + 1] int32: first received row of each source; [R] is the total
+    num_recv: int | None       # received rows (None in non-blocking mode: read recv_offsets[R])
+    capacity: int              # rows of the receive tensors
+    recv_from: list[int] | None
+    tokens_per_expert_list: list[int] | None
+    send_offsets: Any = None   # collective: [R + 1] int32, first sent row of each destination
+    sent_to: list[int] | None = None  # collective: rows sent to each destination
+
+
+class DispatchResult(NamedTuple):
+    recv_x: Any
+    recv_topk_idx: Any
+    recv_topk_weights: Any
+    recv_scales: Any
+    tokens_per_expert: Any
+    handle: Handle
+
+
+def bad_topk_message(source: int, flat: int, topk: int, num_experts: int, value: int | None) -> str:
+    """The error every rank raises when rank `source` passed an expert id outside [-1, E)."""
+    where = f"[{flat // topk}, {flat % topk}]"
+    if value is not None:
+        return f"topk_idx: expected ids in [-1, {num_experts}), got {value} at {where}; no token was moved"
+    return (f"topk_idx: expected ids in [-1, {num_experts}), but rank {source} passed an id outside that range at "
+            f"{where} of its topk_idx; no token of this dispatch was moved")

@@ -1,0 +1,195 @@
+"""The NVLink transport: every rank's symmetric buffer is open in every peer, senders
+stage their tokens, receivers pull them, and combine pushes expert outputs back.
+
+Flags with the group tag and device-side sequence numbers order the phases; a wait
+that times out is reported in the status words and raised on the host as PeerTimeout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+import weakref
+from typing import Any, Callable
+
+from cuda.bindings import driver
+
+from ..errors import EPJitError, PeerTimeout
+from ..group import GroupInfo
+from ..kernels import Mailbox, Status
+from ..runtime import Module, check, quiesce, use_device
+from ..symmetric import SymmetricBuffer, plan_layout
+from . import COPY_THREADS, LAYOUT_THREADS, DispatchResult, Handle, Operation, bad_topk_message
+
+PHASES = {1: "dispatch staging (waiting for peers to finish reading the previous stage)",
+          2: "count exchange", 3: "combine push (waiting for peers to finish the previous combine)",
+          4: "combine reduce (waiting for peers' expert outputs)"}
+NOTIFY_THREADS = 128
+
+
+def _free(device: int, workspace: Any, mailbox: int) -> None:
+    if not quiesce(device):
+        return
+    driver.cuMemFree(workspace)
+    driver.cuMemFreeHost(mailbox)
+
+
+class NVLinkTransport:
+    def __init__(self, group: GroupInfo, modules: dict[str, Module], *, device: int, hidden: int, num_experts: int,
+                 topk: int, dtype: str, max_tokens: int, num_sms: int, timeout_s: float,
+                 gather: Callable[[Any], list]) -> None:
+        R = group.size
+        self.group, self.modules, self.device = group, modules, device
+        self.hidden, self.num_experts, self.topk, self.dtype = hidden, num_experts, topk, dtype
+        self.num_sms, self.timeout_s, self.timeout_ns = num_sms, timeout_s, int(timeout_s * 1e9)
+        self.layout, size = plan_layout(num_ranks=R, num_experts=num_experts, hidden=hidden, topk=topk,
+                                        max_tokens=max_tokens, elem_size=1 if dtype == "fp8_e4m3" else 2)
+        self._gather = gather
+        self.sym = SymmetricBuffer(group, size, device, gather)
+        # counters[4], status[4], sequences[2] + pad, tokens per rank, tokens per expert
+        ws_bytes = 4 * (12 + R + num_experts)
+        self._workspace = check(driver.cuMemAlloc(ws_bytes), "cuMemAlloc(workspace)")
+        check(driver.cuMemsetD8(self._workspace, 0, ws_bytes), "cuMemsetD8(workspace)")
+        ws = int(self._workspace)
+        self._counters, self._status_words, self._seqs = ws, ws + 16, ws + 32
+        self._tokens_per_rank, self._tokens_per_expert = ws + 48, ws + 48 + 4 * R
+        self._host_mailbox = check(driver.cuMemHostAlloc(ctypes.sizeof(Mailbox), driver.CU_MEMHOSTALLOC_DEVICEMAP |
+                                                         driver.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(mailbox)")
+        ctypes.memset(self._host_mailbox, 0, ctypes.sizeof(Mailbox))
+        self.mailbox = Mailbox.from_address(self._host_mailbox)
+        self._mailbox_dev = int(check(driver.cuMemHostGetDevicePointer(self._host_mailbox, 0),
+                                      "cuMemHostGetDevicePointer"))
+        self._status = Status(self._status_words, self._mailbox_dev + Mailbox.status.offset)
+        self._finalizer = weakref.finalize(self, _free, device, self._workspace, self._host_mailbox)
+        self._tickets = 0  # host-side id of each default-mode dispatch, echoed by the count exchange
+        self.closed = False
+
+    # ---- errors -----------------------------------------------------------------
+
+    def check_error(self) -> None:
+        """Raise if a kernel gave up waiting for a peer."""
+        if self.closed:
+            raise EPJitError("Buffer: it is closed")
+        error = self.mailbox.status[0]
+        if error:
+            phase, peer = error >> 16, (error & 0xFFFF) - 1
+            self.close(wait_for_peers=False)  # the group is broken: free everything now
+            raise PeerTimeout(f"rank {peer} (global rank {self.group.members[peer]}) did not respond within "
+                              f"{self.timeout_s:g} s in {PHASES.get(phase, phase)}; this Buffer is unusable")
+
+    def raise_pending(self) -> None:
+        self.check_error()
+        overflow = self.mailbox.status[2]
+        if self.mailbox.bad_source:
+            self._raise_bad_topk(None, None)
+        if overflow:
+            self._clear_status(2)
+            raise ValueError(f"capacity: expected at least {overflow} rows for an earlier non-blocking dispatch; "
+                             "the rows past the capacity were dropped")
+
+    def _raise_bad_topk(self, op: Operation | None, topk_idx: Any) -> None:
+        source, flat = self.mailbox.bad_source - 1, self.mailbox.bad_index - 1
+        self.mailbox.bad_source = self.mailbox.bad_index = 0
+        self._clear_status(1)
+        value = None
+        if source == self.group.rank and topk_idx is not None:
+            check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+            found = ctypes.c_int64()
+            check(driver.cuMemcpyDtoH(ctypes.addressof(found), op.adapter.pointer(topk_idx) + 8 * flat, 8),
+                  "cuMemcpyDtoH(topk_idx)")
+            value = found.value
+        message = bad_topk_message(source, flat, self.topk, self.num_experts, value)
+        raise ValueError(message + ("" if topk_idx is not None else " (found by an earlier non-blocking dispatch)"))
+
+    def _clear_status(self, word: int) -> None:
+        self.mailbox.status[word] = 0
+        check(driver.cuMemsetD32(self._status_words + 4 * word, 0, 1), "cuMemsetD32(status)")
+
+    def check_operation(self, op: Operation, capacity: int | None) -> None:
+        """Any framework's tensors and both modes work here."""
+
+    # ---- dispatch ---------------------------------------------------------------
+
+    def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any, num_tokens: int,
+                 capacity: int | None) -> tuple[DispatchResult, list]:
+        T, H, K, R = num_tokens, self.hidden, self.topk, self.group.size
+        fp8, s, dev = scales is not None, op.stream, self.device
+        self._tickets += 1
+        ticket = self._tickets if capacity is None else 0
+        token_slot = op.empty((T, R), "int32", dev)
+        in_rank = op.empty((T, R), "bool", dev)
+        recv_offsets = op.empty((R + 1,), "int32", dev)
+        expert_counts = op.empty((self.num_experts // R,), "int32", dev)
+        p = op.adapter.pointer
+        L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
+        layout, notify, dispatch = self.modules["layout"], self.modules["notify"], self.modules["dispatch"]
+        layout[0].launch(R, LAYOUT_THREADS, s, p(topk_idx), T, p(in_rank), p(token_slot), self._tokens_per_rank,
+                         self._tokens_per_expert, status)
+        dispatch[0].launch(self.num_sms, COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx), p(topk_weights),
+                           p(token_slot), T, peers, L, rank, self._seqs, timeout, status)
+        notify[0].launch(1, NOTIFY_THREADS, s, self._tokens_per_rank, self._tokens_per_expert, peers, L, rank,
+                         self._seqs, ticket, timeout, status, p(recv_offsets), p(expert_counts), self._mailbox_dev)
+
+        num_recv = recv_from = per_expert = None
+        if capacity is None:
+            self._wait_for_counts(ticket)
+            if self.mailbox.bad_source:  # every rank learns it here; release the stage, then raise
+                dispatch[1].launch(self.num_sms, COPY_THREADS, s, 0, 0, 0, 0, -1, p(recv_offsets), peers, L, rank,
+                                   self._seqs, status, self._counters)
+                self._raise_bad_topk(op, topk_idx)
+            num_recv = capacity = self.mailbox.recv_total
+            recv_from = list(self.mailbox.recv_from[:R])
+            per_expert = list(self.mailbox.tokens_per_expert[: self.num_experts // R])
+        recv_x = op.empty((capacity, H), self.dtype, dev)
+        recv_idx = op.empty((capacity, K), "int64", dev)
+        recv_w = op.empty((capacity, K), "float32", dev)
+        recv_scales = op.empty((capacity, H // 128), "float32", dev) if fp8 else None
+        dispatch[1].launch(self.num_sms, COPY_THREADS, s, p(recv_x), p(recv_scales) if fp8 else 0, p(recv_idx),
+                           p(recv_w), capacity, p(recv_offsets), peers, L, rank, self._seqs, status, self._counters)
+        handle = Handle(0, op.adapter.name, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from,
+                        per_expert)
+        keep = [token_slot, in_rank, recv_offsets, expert_counts, recv_x, recv_idx, recv_w, recv_scales]
+        return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle), keep
+
+    def _wait_for_counts(self, ticket: int) -> None:
+        """Spin on mapped host memory until the count exchange of `ticket` has landed."""
+        deadline = time.monotonic() + self.timeout_s + 1.0
+        spins = 0
+        while ctypes.c_int.from_address(self._host_mailbox).value != ticket:
+            if self.mailbox.status[0]:
+                self.check_error()
+            spins += 1
+            if spins > 10000:
+                if time.monotonic() > deadline:
+                    self.close(wait_for_peers=False)
+                    raise PeerTimeout(f"count exchange: no answer from the device within {self.timeout_s + 1:g} s")
+                time.sleep(20e-6)
+        self.check_error()
+
+    # ---- combine ----------------------------------------------------------------
+
+    def combine(self, op: Operation, y: Any, handle: Handle, rows: int) -> tuple[Any, list]:
+        out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
+        p, s = op.adapter.pointer, op.stream
+        L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
+        push, reduce = self.modules["combine"][0], self.modules["combine"][1]
+        push.launch(self.num_sms, COPY_THREADS, s, p(y), rows, p(handle.recv_offsets), peers, L, rank, self._seqs,
+                    timeout, status, self._counters + 4)
+        reduce.launch(self.num_sms, COPY_THREADS, s, p(out), p(handle.token_slot), handle.num_tokens, peers, L, rank,
+                      self._seqs, timeout, status, self._counters + 8)
+        return out, [out]
+
+    # ---- teardown ---------------------------------------------------------------
+
+    def close(self, wait_for_peers: bool = True) -> None:
+        """Collective by default: a peer may still be reading this rank's memory until it
+        has finished its last operation."""
+        if not self._finalizer.alive:
+            return
+        self.closed = True
+        if wait_for_peers:
+            use_device(self.device)
+            check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+            self._gather(None)  # barrier: every member has finished its last operation
+        self.sym.close()
+        self._finalizer()

@@ -1,0 +1,128 @@
+// Dispatch and combine through the framework's all_to_all, for groups whose members do
+// not share one NVLink domain. The kernels only permute: the bytes move in NCCL.
+//
+// count_kernel  from every member's counts row (gathered [R][R + E + 4]: tokens per
+//               destination, (token, expert) pairs per expert, the layout kernel's status
+//               words), this rank's send and receive offsets and its tokens per local expert.
+// pack_kernel   token t goes to destination r as packed row send_offsets[r] + slot(t, r):
+//               the x row, its fp8 scales, its top-k ids made local to r (others -1) and the
+//               matching weights (others 0). The rows for r stay in token order, so after
+//               the all_to_all the receiver holds them ordered by (source rank, token index).
+// unpack_kernel packed rows -> recv_x, recv_scales, recv_topk_idx (int64), recv_topk_weights.
+// sum_kernel    combine: out[t] = sum over r of the row that r sent back for t, in fp32.
+#include "ep_common.cuh"
+
+namespace ep_jit {
+
+constexpr int kPermuteThreads = 512;
+
+// One packed row: [x | scales (fp8 only) | top-k ids (int32) | top-k weights], padded to
+// 16 bytes. ep_jit/kernels.py packed_row_bytes() computes the same size.
+template <int HIDDEN, int TOPK, typename T>
+struct PackedRow {
+    static constexpr int kScales = sizeof(T) == 1 ? HIDDEN / kScaleBlock : 0;
+    static constexpr int kScalesAt = HIDDEN * sizeof(T);
+    static constexpr int kIdxAt = kScalesAt + kScales * 4;
+    static constexpr int kWeightsAt = kIdxAt + TOPK * 4;
+    static constexpr int kBytes = (kWeightsAt + TOPK * 4 + 15) / 16 * 16;
+    static constexpr int kVecs = HIDDEN * sizeof(T) / 16;
+};
+
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(kPermuteThreads)
+count_kernel(const int* __restrict__ gathered, int rank, int* __restrict__ send_offsets,
+             int* __restrict__ recv_offsets, int* __restrict__ local_expert_counts) {
+    constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
+    constexpr int kRow = NUM_RANKS + NUM_EXPERTS + 4;
+    if (threadIdx.x == 0) {
+        int sent = 0, received = 0;
+        for (int r = 0; r < NUM_RANKS; ++r) {
+            send_offsets[r] = sent;
+            recv_offsets[r] = received;
+            sent += gathered[rank * kRow + r];
+            received += gathered[r * kRow + rank];
+        }
+        send_offsets[NUM_RANKS] = sent;
+        recv_offsets[NUM_RANKS] = received;
+    }
+    for (int e = threadIdx.x; e < kLocal; e += blockDim.x) {
+        int sum = 0;
+        for (int r = 0; r < NUM_RANKS; ++r) sum += gathered[r * kRow + NUM_RANKS + rank * kLocal + e];
+        local_expert_counts[e] = sum;
+    }
+}
+
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(kPermuteThreads)
+pack_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
+            const float* __restrict__ topk_weights, const int* __restrict__ token_slot, int num_tokens,
+            const int* __restrict__ send_offsets, char* __restrict__ send) {
+    using Row = PackedRow<HIDDEN, TOPK, T>;
+    constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
+    static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
+    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
+    for (int t = warp; t < num_tokens; t += num_warps) {
+        const int64_t id = lane < TOPK ? topk_idx[static_cast<int64_t>(t) * TOPK + lane] : -1;
+        const float wt = lane < TOPK ? topk_weights[static_cast<int64_t>(t) * TOPK + lane] : 0.0f;
+        for (int r = 0; r < NUM_RANKS; ++r) {
+            const int slot = token_slot[static_cast<int64_t>(t) * NUM_RANKS + r];
+            if (slot < 0) continue;
+            char* dst = send + static_cast<int64_t>(send_offsets[r] + slot) * Row::kBytes;
+            warp_copy(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(x) + static_cast<int64_t>(t) * Row::kVecs,
+                      Row::kVecs, lane);
+            for (int i = lane; i < Row::kScales; i += kWarpSize)
+                reinterpret_cast<float*>(dst + Row::kScalesAt)[i] = scales[static_cast<int64_t>(t) * Row::kScales + i];
+            if (lane < TOPK) {
+                const int64_t local = id - static_cast<int64_t>(r) * kLocal;
+                const bool hit = id >= 0 && id < NUM_EXPERTS && local >= 0 && local < kLocal;
+                reinterpret_cast<int*>(dst + Row::kIdxAt)[lane] = hit ? static_cast<int>(local) : -1;
+                reinterpret_cast<float*>(dst + Row::kWeightsAt)[lane] = hit ? wt : 0.0f;
+            }
+        }
+    }
+}
+
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(kPermuteThreads)
+unpack_kernel(const char* __restrict__ recv, int num_rows, T* __restrict__ recv_x, float* __restrict__ recv_scales,
+              int64_t* __restrict__ recv_idx, float* __restrict__ recv_weights) {
+    using Row = PackedRow<HIDDEN, TOPK, T>;
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
+    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
+    for (int j = warp; j < num_rows; j += num_warps) {
+        const char* src = recv + static_cast<int64_t>(j) * Row::kBytes;
+        warp_copy(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * Row::kVecs,
+                  reinterpret_cast<const int4*>(src), Row::kVecs, lane);
+        for (int i = lane; i < Row::kScales; i += kWarpSize)
+            recv_scales[static_cast<int64_t>(j) * Row::kScales + i] = reinterpret_cast<const float*>(src + Row::kScalesAt)[i];
+        if (lane < TOPK) {
+            recv_idx[static_cast<int64_t>(j) * TOPK + lane] = reinterpret_cast<const int*>(src + Row::kIdxAt)[lane];
+            recv_weights[static_cast<int64_t>(j) * TOPK + lane] = reinterpret_cast<const float*>(src + Row::kWeightsAt)[lane];
+        }
+    }
+}
+
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(kPermuteThreads)
+sum_kernel(const __nv_bfloat16* __restrict__ returned, const int* __restrict__ token_slot, int num_tokens,
+           const int* __restrict__ send_offsets, __nv_bfloat16* __restrict__ out) {
+    constexpr int kVecs = HIDDEN * sizeof(__nv_bfloat16) / 16;
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
+    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
+    const int4* rows = reinterpret_cast<const int4*>(returned);
+    for (int t = warp; t < num_tokens; t += num_warps) {
+        const int4* from[NUM_RANKS];
+#pragma unroll
+        for (int r = 0; r < NUM_RANKS; ++r) {
+            const int slot = token_slot[static_cast<int64_t>(t) * NUM_RANKS + r];
+            from[r] = slot < 0 ? nullptr : rows + static_cast<int64_t>(send_offsets[r] + slot) * kVecs;
+        }
+        warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from, lane);
+    }
+}
+
+}  // namespace ep_jit
