@@ -4,7 +4,8 @@
     python scripts/bench_ep.py --world 4 [--tokens 4096 --hidden 7168 --experts 256 --topk 8 --sms 24]
 
 Spawns one process per GPU. Per rank and per phase it reports GB/s by the common EP
-formula: received rows x row bytes / time (CUDA events, median after warm-up). fp8 rows
+formula: received rows x row bytes / time (CUDA events, median after warm-up, L2
+flushed before each call). fp8 rows
 count their fp32 scales. The baseline is the dispatcher training frameworks build from
 torch: permute by destination, torch.distributed.all_to_all_single, unpermute (and the
 reverse plus index_add for combine). Also reports ep_jit's collective transport (the
@@ -42,18 +43,21 @@ def parse() -> argparse.Namespace:
 
 
 def time_ms(fn, iters: int, warmup: int) -> float:
+    """Median of CUDA-event intervals around fn. Before each, a 256 MiB memset evicts L2
+    (so no input is timed from cache) and lets the host queue fn ahead of the GPU, as in
+    a training step; the host still waits inside fn where fn itself waits (the counts)."""
     import torch
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(warmup + iters)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        flush.zero_()
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events[warmup:])
 
 
 def profile(fn, label: str, show: bool) -> None:

@@ -37,18 +37,19 @@ __device__ __forceinline__ void st_stream(int4* p, const int4& v) {
                  :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
 
-// Lanes of a warp copy `n_vec` int4s together, unrolled so several loads are in flight.
-template <int kUnroll = 4>
+// Lanes of a warp copy `n_vec` int4s together, kUnroll loads in flight per lane (the
+// tail too, predicated), so a remote row costs few round trips.
+template <int kUnroll = 8>
 __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n_vec, int lane) {
-    int i = lane;
-    for (; i + (kUnroll - 1) * kWarpSize < n_vec; i += kUnroll * kWarpSize) {
+    for (int i = lane; i < n_vec; i += kUnroll * kWarpSize) {
         int4 v[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) v[u] = ld_stream(src + i + u * kWarpSize);
+        for (int u = 0; u < kUnroll; ++u)
+            if (i + u * kWarpSize < n_vec) v[u] = ld_stream(src + i + u * kWarpSize);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) st_stream(dst + i + u * kWarpSize, v[u]);
+        for (int u = 0; u < kUnroll; ++u)
+            if (i + u * kWarpSize < n_vec) st_stream(dst + i + u * kWarpSize, v[u]);
     }
-    for (; i < n_vec; i += kWarpSize) st_stream(dst + i, ld_stream(src + i));
 }
 
 // ---- system-scope flags ----------------------------------------------------
