@@ -17,7 +17,7 @@ from .spec import KernelSpec
 
 # The templates of each transport. "nvlink" moves tokens through symmetric memory inside one
 # NVLink domain; "collective" through the group framework's all_to_all, anywhere.
-TRANSPORT_TEMPLATES: dict[str, tuple[str, ...]] = {"nvlink": ("layout", "notify", "dispatch", "combine"),
+TRANSPORT_TEMPLATES: dict[str, tuple[str, ...]] = {"nvlink": ("dispatch", "combine"),
                                                    "collective": ("layout", "collective")}
 TRANSPORTS = tuple(TRANSPORT_TEMPLATES)
 BUFFER_TEMPLATES: tuple[str, ...] = tuple(dict.fromkeys(t for ts in TRANSPORT_TEMPLATES.values() for t in ts))
@@ -39,7 +39,7 @@ class Status(ctypes.Structure):
 
 
 class Mailbox(ctypes.Structure):
-    """Mapped pinned host memory the kernels write (struct Mailbox in notify.cu, then the
+    """Mapped pinned host memory the kernels write (struct Mailbox in dispatch.cu, then the
     host copy of the status words)."""
 
     _fields_ = [("done_ticket", c_int), ("recv_total", c_int), ("recv_from", c_int * MAX_RANKS),
@@ -51,9 +51,9 @@ P = c_void_p  # any device pointer
 # Parameter types of every kernel, per template, in the order of Template.kernels.
 SIGNATURES: dict[str, tuple[tuple[type, ...], ...]] = {
     "layout": ((P, c_int, P, P, P, P, Status),),
-    "notify": ((P, P, P, SymLayout, c_int, P, c_int, c_uint64, Status, P, P, P),),
-    "dispatch": ((P, P, P, P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status),   # stage
-                 (P, P, P, P, c_int, P, P, SymLayout, c_int, P, Status, P)),          # pull
+    "dispatch": ((P, P, P, P, c_int, P, P, P, P, P, SymLayout, c_int, P, c_int, c_uint64, Status, P, P, P,
+                  P),                                                                 # send
+                 (P, P, P, P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P)),  # pull
     "combine": ((P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P),          # push
                 (P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status, P)),         # reduce
     "collective": ((P, c_int, P, P, P),                                               # count

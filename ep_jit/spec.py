@@ -30,8 +30,7 @@ TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
         Template("layout", "layout.cu", ("layout_kernel",)),
-        Template("notify", "notify.cu", ("notify_kernel",)),
-        Template("dispatch", "dispatch.cu", ("stage_kernel", "pull_kernel")),
+        Template("dispatch", "dispatch.cu", ("send_kernel", "pull_kernel")),
         Template("combine", "combine.cu", ("push_kernel", "reduce_kernel")),
         Template("collective", "collective.cu", ("count_kernel", "pack_kernel", "unpack_kernel", "sum_kernel")),
     )

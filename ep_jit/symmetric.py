@@ -17,7 +17,7 @@ from .kernels import SymLayout
 from .runtime import check, quiesce, use_device
 from .topology import Endpoint, local_endpoint, verify_nvlink_domain
 
-NUM_FLAG_KINDS = 4
+NUM_FLAG_KINDS = 5
 ALIGN = 256
 
 

@@ -42,7 +42,7 @@ push_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ re
         }
     }
     // the combine is recorded done by the reduce kernel, which ends it
-    grid_done_post<NUM_RANKS>(counter, peers, L, kCombinePushed, rank, make_flag(TAG, seq), nullptr, 0);
+    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kCombinePushed, rank, make_flag(TAG, seq), nullptr, 0);
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
@@ -70,7 +70,7 @@ reduce_kernel(bf16* __restrict__ out, const int* __restrict__ token_slot, int nu
         }
         warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from, lane);
     }
-    grid_done_post<NUM_RANKS>(counter, peers, L, kCombineConsumed, rank, make_flag(TAG, seq), &seqs->combine, seq);
+    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kCombineConsumed, rank, make_flag(TAG, seq), &seqs->combine, seq);
 }
 
 }  // namespace ep_jit

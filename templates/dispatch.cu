@@ -1,48 +1,114 @@
-// Dispatch: stage locally, then every destination pulls what it needs over NVLink.
+// Dispatch over NVLink: one kernel sends, one receives.
 //
-// stage_kernel   copies this rank's tokens (rows, scales, top-k) into its own
-//                symmetric buffer and writes, per destination, the list of token
-//                indices in slot order. It first waits until every peer has pulled
-//                the previous dispatch's stage.
-// pull_kernel    on the destination: row j of the output is row j - offset[s] of
-//                source s's list, so rows come out ordered by (source rank, source
-//                token index). Reads are 16-byte loads from the peer's buffer, one
-//                warp per row; chunks of 32 rows alternate between sources so every
-//                link is busy at once. Expert ids become
-//                local ids (others -1, weight 0). Rows past the received count, up
-//                to the capacity, are marked empty (-1, 0); rows past the capacity are
-//                reported in status word 2 and not copied. capacity < 0 abandons the
-//                dispatch (a rank passed bad ids): nothing is copied, the stage is
-//                released.
-#include "ep_common.cuh"
+// send_kernel   on the source. Blocks [0, R) each compute the routing layout of one
+//               destination (layout.cuh), including the list of tokens it will pull;
+//               the last of them exchanges the counts with every peer and publishes the
+//               receive layout (offsets on the device, totals in mapped host memory,
+//               where the host reads them without synchronising the stream). The other
+//               blocks meanwhile stage this rank's tokens (rows, scales, top-k) in its
+//               own symmetric buffer and then raise kStageReady at every peer. So the
+//               host learns the counts while the tokens are still being staged. Every
+//               block first waits until every peer has pulled the previous stage.
+// pull_kernel   on the destination, once every source's stage is ready: row j of the
+//               output is row j - offset[s] of source s's list, so rows come out ordered
+//               by (source rank, source token index). Reads are 16-byte loads from the
+//               peer's buffer, one warp per row; chunks of 32 rows alternate between
+//               sources so every link is busy at once. Expert ids become local ids
+//               (others -1, weight 0). Rows past the received count, up to the capacity,
+//               are marked empty (-1, 0); rows past the capacity are reported in status
+//               word 2 and not copied. capacity < 0 abandons the dispatch (a rank passed
+//               bad ids): nothing is copied, the stage is released.
+// A source whose top-k ids were out of range (found by the layout) says so in its counts
+// row, so every rank learns it in the exchange and can raise before any token moves.
+#include "layout.cuh"
 
 namespace ep_jit {
 
 constexpr int kCopyThreads = 512;
 
-template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kCopyThreads)
-stage_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
-             const float* __restrict__ topk_weights, const int* __restrict__ token_slot, int num_tokens,
-             const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs, uint64_t timeout_ns,
-             Status st) {
-    constexpr bool kFp8 = sizeof(T) == 1;
+struct Mailbox {          // mapped pinned host memory, one per Buffer
+    int done_ticket;      // written last: the fields below belong to the dispatch with this ticket
+    int recv_total;
+    int recv_from[64];    // tokens received from each source rank
+    int tokens_per_expert[1024];
+    int bad_source;       // sticky until the host clears it: 1 + first source with a bad top-k id
+    int bad_index;        // 1 + flat index of that id in the source's topk_idx
+};
+
+// The count exchange, run by one block: send my counts to every destination and raise
+// its kCountsReady flag, wait for every source's, publish the receive layout.
+template <int NUM_EXPERTS, int NUM_RANKS>
+__device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, const int* tokens_per_expert,
+                                                const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
+                                                uint64_t want, int ticket, uint64_t timeout_ns, const Status& st,
+                                                int* recv_offsets, int* local_expert_counts, Mailbox* mailbox) {
+    static_assert(NUM_RANKS <= 64 && NUM_EXPERTS / NUM_RANKS <= 1024, "mailbox too small");
+    constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
+    constexpr int kRow = 2 + kLocal;  // tokens, per local expert, bad top-k report
+    __shared__ int from[NUM_RANKS];
+    const uint64_t my_base = peers[rank];
+
+    // written by the other layout blocks: read past L1
+    if (threadIdx.x < NUM_RANKS) {
+        const int dst = threadIdx.x;
+        int* row = sym_ptr<int>(peers[dst], L.counts) + rank * kRow;
+        row[0] = ld_volatile(tokens_per_rank + dst);
+        for (int e = 0; e < kLocal; ++e) row[1 + e] = ld_volatile(tokens_per_expert + dst * kLocal + e);
+        row[kRow - 1] = ld_volatile(st.device + 1);
+        __threadfence_system();  // the counts and the send lists before the flag
+        st_release_sys(flag_slot(peers[dst], L, kCountsReady, rank, NUM_RANKS), want);
+    }
+    if (!block_wait_all<NUM_RANKS>(my_base, L, kCountsReady, want, timeout_ns, st, kPhaseNotify)) return;
+    const int* counts = sym_ptr<int>(my_base, L.counts);
+    if (threadIdx.x < NUM_RANKS) from[threadIdx.x] = counts[threadIdx.x * kRow];
+    __syncthreads();
+
+    for (int e = threadIdx.x; e < kLocal; e += blockDim.x) {
+        int sum = 0;
+        for (int src = 0; src < NUM_RANKS; ++src) sum += counts[src * kRow + 1 + e];
+        local_expert_counts[e] = sum;
+        mailbox->tokens_per_expert[e] = sum;
+    }
+    if (threadIdx.x == 0) {
+        int run = 0;
+        for (int src = 0; src < NUM_RANKS; ++src) {
+            recv_offsets[src] = run;
+            mailbox->recv_from[src] = from[src];
+            run += from[src];
+        }
+        recv_offsets[NUM_RANKS] = run;
+        mailbox->recv_total = run;
+        for (int src = 0; src < NUM_RANKS; ++src) {
+            const int bad = counts[src * kRow + kRow - 1];
+            if (bad != 0 && mailbox->bad_source == 0) {
+                mailbox->bad_index = bad;
+                mailbox->bad_source = src + 1;
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        *reinterpret_cast<volatile int*>(&mailbox->done_ticket) = ticket;
+    }
+}
+
+// Blocks [first, gridDim.x) copy this rank's tokens into its stage.
+template <int HIDDEN, int TOPK, typename T>
+__device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const float* __restrict__ scales,
+                                             const int64_t* __restrict__ topk_idx,
+                                             const float* __restrict__ topk_weights, int num_tokens,
+                                             uint64_t my_base, const SymLayout& L, int first) {
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kScales = HIDDEN / kScaleBlock;
     static_assert(HIDDEN * sizeof(T) % 16 == 0, "rows must be whole 16-byte vectors");
-    if (failed(st)) return;
-    const uint64_t my_base = peers[rank];
-    const int prev_seq = seqs->dispatch;
-    if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(TAG, prev_seq),
-                                                     timeout_ns, st, kPhaseStage))
-        return;
-
     const int lane = threadIdx.x % kWarpSize;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
-    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
+    const int warp = ((blockIdx.x - first) * blockDim.x + threadIdx.x) / kWarpSize;
+    const int num_warps = (gridDim.x - first) * blockDim.x / kWarpSize;
     int4* stage_x = sym_ptr<int4>(my_base, L.stage_x);
     int64_t* stage_idx = sym_ptr<int64_t>(my_base, L.stage_idx);
     float* stage_w = sym_ptr<float>(my_base, L.stage_weights);
+    float* stage_s = sym_ptr<float>(my_base, L.stage_scales);
     for (int t = warp; t < num_tokens; t += num_warps) {
         warp_copy(stage_x + static_cast<int64_t>(t) * kVecs, reinterpret_cast<const int4*>(x) + static_cast<int64_t>(t) * kVecs,
                   kVecs, lane);
@@ -50,24 +116,54 @@ stage_kernel(const T* __restrict__ x, const float* __restrict__ scales, const in
             stage_idx[t * TOPK + k] = topk_idx[t * TOPK + k];
             stage_w[t * TOPK + k] = topk_weights[t * TOPK + k];
         }
-        if constexpr (kFp8) {
-            float* stage_s = sym_ptr<float>(my_base, L.stage_scales);
+        if constexpr (sizeof(T) == 1)
             for (int i = lane; i < kScales; i += kWarpSize) stage_s[t * kScales + i] = scales[t * kScales + i];
+    }
+}
+
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(kCopyThreads)
+send_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
+            const float* __restrict__ topk_weights, int num_tokens, bool* __restrict__ is_token_in_rank,
+            int* __restrict__ token_slot, int* tokens_per_rank, int* tokens_per_expert,
+            const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs, int ticket,
+            uint64_t timeout_ns, Status st, int* recv_offsets, int* local_expert_counts, Mailbox* mailbox,
+            int* counters /* [0] layout blocks done, [1] staging blocks done */) {
+    __shared__ bool last;
+    if (failed(st)) return;
+    const uint64_t my_base = peers[rank];
+    const int prev_seq = seqs->dispatch;
+    const uint64_t want = make_flag(TAG, prev_seq + 1);
+    if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(TAG, prev_seq),
+                                                     timeout_ns, st, kPhaseStage))
+        return;
+    if (blockIdx.x < NUM_RANKS) {
+        const int dst = blockIdx.x;
+        layout_rank<NUM_EXPERTS, NUM_RANKS, TOPK, kCopyThreads>(
+            dst, topk_idx, num_tokens, is_token_in_rank, token_slot, tokens_per_rank, tokens_per_expert,
+            sym_ptr<int>(my_base, L.send_index) + static_cast<int64_t>(dst) * L.max_tokens, st);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence_system();  // this block's send list, visible to peers before the exchange's flags
+            last = atomicAdd(&counters[0], 1) == NUM_RANKS - 1;
+            if (last) counters[0] = 0;
         }
+        __syncthreads();
+        if (last)
+            exchange_counts<NUM_EXPERTS, NUM_RANKS>(tokens_per_rank, tokens_per_expert, peers, L, rank, want, ticket,
+                                                    timeout_ns, st, recv_offsets, local_expert_counts, mailbox);
+        return;
     }
-    int* send_index = sym_ptr<int>(my_base, L.send_index);
-    const int64_t pairs = static_cast<int64_t>(num_tokens) * NUM_RANKS;
-    for (int64_t i = blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += gridDim.x * blockDim.x) {
-        const int slot = token_slot[i];
-        if (slot >= 0) send_index[(i % NUM_RANKS) * L.max_tokens + slot] = static_cast<int>(i / NUM_RANKS);
-    }
+    stage_tokens<HIDDEN, TOPK, T>(x, scales, topk_idx, topk_weights, num_tokens, my_base, L, NUM_RANKS);
+    grid_done_post<NUM_RANKS>(&counters[1], gridDim.x - NUM_RANKS, peers, L, kStageReady, rank, want, nullptr, 0);
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kCopyThreads)
 pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __restrict__ recv_idx,
             float* __restrict__ recv_weights, int capacity, const int* __restrict__ recv_offsets,
-            const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, Status st, int* counter) {
+            const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, uint64_t timeout_ns,
+            Status st, int* counter) {
     constexpr bool kFp8 = sizeof(T) == 1;
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kScales = HIDDEN / kScaleBlock;
@@ -76,6 +172,8 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
     __shared__ int offsets[NUM_RANKS + 1];
     if (failed(st)) return;  // the count exchange failed: nothing valid to pull
     const int seq = seqs->dispatch + 1;
+    if (!block_wait_all<NUM_RANKS>(peers[rank], L, kStageReady, make_flag(TAG, seq), timeout_ns, st, kPhasePull))
+        return;
     if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = capacity < 0 ? 0 : recv_offsets[threadIdx.x];
     __syncthreads();
     if (blockIdx.x == 0 && threadIdx.x == 0 && offsets[NUM_RANKS] > capacity && capacity >= 0)
@@ -121,7 +219,7 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
         recv_idx[i] = -1;
         recv_weights[i] = 0.0f;
     }
-    grid_done_post<NUM_RANKS>(counter, peers, L, kStageConsumed, rank, make_flag(TAG, seq), &seqs->dispatch, seq);
+    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kStageConsumed, rank, make_flag(TAG, seq), &seqs->dispatch, seq);
 }
 
 }  // namespace ep_jit

@@ -149,7 +149,8 @@ enum FlagKind : int {
     kStageConsumed = 1,   // p has pulled everything it needs from my stage (dispatch seq)
     kCombinePushed = 2,   // p has pushed its expert outputs for my tokens (combine seq)
     kCombineConsumed = 3, // p has reduced what I pushed to it (combine seq)
-    kNumFlagKinds = 4,
+    kStageReady = 4,      // p has staged its tokens for this dispatch (dispatch seq)
+    kNumFlagKinds = 5,
 };
 
 // Sequence numbers live on the device, so a captured CUDA graph replays with fresh
@@ -160,7 +161,9 @@ struct Sequences {
     int combine;   // last completed combine
 };
 
-enum Phase : int { kPhaseStage = 1, kPhaseNotify = 2, kPhaseCombinePush = 3, kPhaseCombineReduce = 4 };
+enum Phase : int {
+    kPhaseStage = 1, kPhaseNotify = 2, kPhaseCombinePush = 3, kPhaseCombineReduce = 4, kPhasePull = 5
+};
 
 template <typename U>
 __device__ __forceinline__ U* sym_ptr(uint64_t base, long long offset) {
@@ -183,16 +186,17 @@ __device__ __forceinline__ bool block_wait_all(uint64_t my_base, const SymLayout
     return !failed(st);
 }
 
-// The last block of the grid to get here posts `want` into slot [kind][rank] of every
+// The last of `num_blocks` blocks to get here posts `want` into slot [kind][rank] of every
 // peer, then records `seq` as done in *done (if given). Each block fences its own writes first, so
 // they are visible before the flag.
 template <int NUM_RANKS>
-__device__ __forceinline__ void grid_done_post(int* counter, const uint64_t* peers, const SymLayout& L, int kind,
-                                               int rank, uint64_t want, int* done, int seq) {
+__device__ __forceinline__ void grid_done_post(int* counter, int num_blocks, const uint64_t* peers,
+                                               const SymLayout& L, int kind, int rank, uint64_t want, int* done,
+                                               int seq) {
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        if (atomicAdd(counter, 1) == static_cast<int>(gridDim.x) - 1) {
+        if (atomicAdd(counter, 1) == num_blocks - 1) {
             *counter = 0;
             __threadfence_system();
             for (int p = 0; p < NUM_RANKS; ++p) st_release_sys(flag_slot(peers[p], L, kind, rank, NUM_RANKS), want);

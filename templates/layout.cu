@@ -1,17 +1,6 @@
-// Routing layout: the first stage of dispatch.
-//
-// From topk_idx [T, K] (global expert ids, -1 = none) it computes, for every
-// destination rank r:
-//   is_token_in_rank [T, R]  1 if any of token t's experts lives on r
-//   token_slot      [T, R]  position of t among the tokens sent to r (by token
-//                           index), -1 if t is not sent to r
-//   tokens_per_rank [R]     tokens sent to r
-//   tokens_per_expert [E]   (token, expert) pairs per expert
-// An id outside [-1, E) is ignored and reported once in status word 1 (1 + its flat
-// index), so the exchange that follows stays consistent on every rank.
-// Block r owns every output about rank r, so no output needs zeroing and the
-// result does not depend on scheduling.
-#include "ep_common.cuh"
+// Routing layout as a kernel of its own (the collective transport's first step): block r
+// computes everything about destination rank r (layout.cuh).
+#include "layout.cuh"
 
 namespace ep_jit {
 
@@ -19,48 +8,12 @@ constexpr int kLayoutThreads = 256;
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kLayoutThreads)
-layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens,
-              bool* __restrict__ is_token_in_rank, int* __restrict__ token_slot,
-              int* __restrict__ tokens_per_rank, int* __restrict__ tokens_per_expert, Status st) {
-    static_assert(NUM_EXPERTS % NUM_RANKS == 0, "experts must divide evenly among ranks");
-    constexpr int kLocalExperts = NUM_EXPERTS / NUM_RANKS;
-    __shared__ int expert_count[kLocalExperts];
-    __shared__ int scan_smem[kLayoutThreads / kWarpSize + 1];
-
-    const int rank = blockIdx.x;
-    const int first_expert = rank * kLocalExperts;
-    for (int e = threadIdx.x; e < kLocalExperts; e += kLayoutThreads) expert_count[e] = 0;
-    __syncthreads();
-
-    int base = 0;
-    for (int start = 0; start < num_tokens; start += kLayoutThreads) {
-        const int t = start + threadIdx.x;
-        int hit = 0;
-        if (t < num_tokens) {
-#pragma unroll
-            for (int k = 0; k < TOPK; ++k) {
-                const int64_t id = topk_idx[static_cast<int64_t>(t) * TOPK + k];
-                if (rank == 0 && (id < -1 || id >= NUM_EXPERTS)) report(st, 1, 1 + t * TOPK + k);
-                const int64_t e = id - first_expert;
-                if (id >= 0 && id < NUM_EXPERTS && e >= 0 && e < kLocalExperts) {
-                    hit = 1;
-                    atomicAdd(&expert_count[e], 1);
-                }
-            }
-        }
-        int chunk_total;
-        const int offset = block_exclusive_scan<kLayoutThreads>(hit, &chunk_total, scan_smem);
-        if (t < num_tokens) {
-            const int64_t at = static_cast<int64_t>(t) * NUM_RANKS + rank;
-            is_token_in_rank[at] = hit;
-            token_slot[at] = hit ? base + offset : -1;
-        }
-        base += chunk_total;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) tokens_per_rank[rank] = base;
-    for (int e = threadIdx.x; e < kLocalExperts; e += kLayoutThreads)
-        tokens_per_expert[first_expert + e] = expert_count[e];
+layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens, bool* __restrict__ is_token_in_rank,
+              int* __restrict__ token_slot, int* __restrict__ tokens_per_rank, int* __restrict__ tokens_per_expert,
+              Status st) {
+    layout_rank<NUM_EXPERTS, NUM_RANKS, TOPK, kLayoutThreads>(blockIdx.x, topk_idx, num_tokens, is_token_in_rank,
+                                                             token_slot, tokens_per_rank, tokens_per_expert, nullptr,
+                                                             st);
 }
 
 }  // namespace ep_jit

@@ -39,7 +39,7 @@ def _asserts(cpp: str, mirror: type, size: int | None = None) -> list[str]:
 def test_structs_match_their_ctypes_mirrors():
     checks = [*_asserts("ep_jit::SymLayout", SymLayout), *_asserts("ep_jit::Status", Status),
               *_asserts("ep_jit::Mailbox", Mailbox, size=Mailbox.status.offset)]
-    ok, log = _compile('#include "notify.cu"\n' + "\n".join(checks) + "\n")
+    ok, log = _compile('#include "dispatch.cu"\n' + "\n".join(checks) + "\n")
     assert ok, log
 
 

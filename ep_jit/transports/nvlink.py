@@ -19,12 +19,11 @@ from ..group import GroupInfo
 from ..kernels import Mailbox, Status
 from ..runtime import Module, check, quiesce, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from . import COPY_THREADS, LAYOUT_THREADS, DispatchResult, Handle, Operation, bad_topk_message
+from . import COPY_THREADS, DispatchResult, Handle, Operation, bad_topk_message
 
 PHASES = {1: "dispatch staging (waiting for peers to finish reading the previous stage)",
           2: "count exchange", 3: "combine push (waiting for peers to finish the previous combine)",
-          4: "combine reduce (waiting for peers' expert outputs)"}
-NOTIFY_THREADS = 128
+          4: "combine reduce (waiting for peers' expert outputs)", 5: "dispatch pull (waiting for peers' tokens)"}
 
 
 def _free(device: int, workspace: Any, mailbox: int) -> None:
@@ -46,13 +45,14 @@ class NVLinkTransport:
                                         max_tokens=max_tokens, elem_size=1 if dtype == "fp8_e4m3" else 2)
         self._gather = gather
         self.sym = SymmetricBuffer(group, size, device, gather)
-        # counters[4], status[4], sequences[2] + pad, tokens per rank, tokens per expert
-        ws_bytes = 4 * (12 + R + num_experts)
+        # block counters [8] (pull, push, reduce, layout, staging), status [4], sequences [2] + pad,
+        # tokens per rank, tokens per expert
+        ws_bytes = 4 * (16 + R + num_experts)
         self._workspace = check(driver.cuMemAlloc(ws_bytes), "cuMemAlloc(workspace)")
         check(driver.cuMemsetD8(self._workspace, 0, ws_bytes), "cuMemsetD8(workspace)")
         ws = int(self._workspace)
-        self._counters, self._status_words, self._seqs = ws, ws + 16, ws + 32
-        self._tokens_per_rank, self._tokens_per_expert = ws + 48, ws + 48 + 4 * R
+        self._counters, self._status_words, self._seqs = ws, ws + 32, ws + 48
+        self._tokens_per_rank, self._tokens_per_expert = ws + 64, ws + 64 + 4 * R
         self._host_mailbox = check(driver.cuMemHostAlloc(ctypes.sizeof(Mailbox), driver.CU_MEMHOSTALLOC_DEVICEMAP |
                                                          driver.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(mailbox)")
         ctypes.memset(self._host_mailbox, 0, ctypes.sizeof(Mailbox))
@@ -122,20 +122,19 @@ class NVLinkTransport:
         expert_counts = op.empty((self.num_experts // R,), "int32", dev)
         p = op.adapter.pointer
         L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
-        layout, notify, dispatch = self.modules["layout"], self.modules["notify"], self.modules["dispatch"]
-        layout[0].launch(R, LAYOUT_THREADS, s, p(topk_idx), T, p(in_rank), p(token_slot), self._tokens_per_rank,
-                         self._tokens_per_expert, status)
-        dispatch[0].launch(self.num_sms, COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx), p(topk_weights),
-                           p(token_slot), T, peers, L, rank, self._seqs, timeout, status)
-        notify[0].launch(1, NOTIFY_THREADS, s, self._tokens_per_rank, self._tokens_per_expert, peers, L, rank,
-                         self._seqs, ticket, timeout, status, p(recv_offsets), p(expert_counts), self._mailbox_dev)
+        send, pull = self.modules["dispatch"][0], self.modules["dispatch"][1]
+        # R layout blocks (the last also exchanges the counts) beside the staging blocks, within num_sms
+        send.launch(max(self.num_sms, R + 1), COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx),
+                    p(topk_weights), T, p(in_rank), p(token_slot), self._tokens_per_rank, self._tokens_per_expert,
+                    peers, L, rank, self._seqs, ticket, timeout, status, p(recv_offsets), p(expert_counts),
+                    self._mailbox_dev, self._counters + 12)
 
         num_recv = recv_from = per_expert = None
         if capacity is None:
             self._wait_for_counts(ticket)
             if self.mailbox.bad_source:  # every rank learns it here; release the stage, then raise
-                dispatch[1].launch(self.num_sms, COPY_THREADS, s, 0, 0, 0, 0, -1, p(recv_offsets), peers, L, rank,
-                                   self._seqs, status, self._counters)
+                pull.launch(self.num_sms, COPY_THREADS, s, 0, 0, 0, 0, -1, p(recv_offsets), peers, L, rank,
+                            self._seqs, timeout, status, self._counters)
                 self._raise_bad_topk(op, topk_idx)
             num_recv = capacity = self.mailbox.recv_total
             recv_from = list(self.mailbox.recv_from[:R])
@@ -144,8 +143,8 @@ class NVLinkTransport:
         recv_idx = op.empty((capacity, K), "int64", dev)
         recv_w = op.empty((capacity, K), "float32", dev)
         recv_scales = op.empty((capacity, H // 128), "float32", dev) if fp8 else None
-        dispatch[1].launch(self.num_sms, COPY_THREADS, s, p(recv_x), p(recv_scales) if fp8 else 0, p(recv_idx),
-                           p(recv_w), capacity, p(recv_offsets), peers, L, rank, self._seqs, status, self._counters)
+        pull.launch(self.num_sms, COPY_THREADS, s, p(recv_x), p(recv_scales) if fp8 else 0, p(recv_idx), p(recv_w),
+                    capacity, p(recv_offsets), peers, L, rank, self._seqs, timeout, status, self._counters)
         handle = Handle(0, op.adapter.name, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from,
                         per_expert)
         keep = [token_slot, in_rank, recv_offsets, expert_counts, recv_x, recv_idx, recv_w, recv_scales]
