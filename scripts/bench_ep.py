@@ -162,6 +162,8 @@ def rank_main(args: argparse.Namespace) -> None:
             assert cres.handle.num_recv == n
             cd_ms = time_ms(lambda: coll.dispatch(x, idx, w, sc), args.iters, args.warmup)
             cc_ms = time_ms(lambda: coll.combine(y, cres.handle), args.iters, args.warmup)
+            if args.profile:
+                profile(lambda: coll.dispatch(x, idx, w, sc), f"{dtype} dispatch (collective)", rank == 0)
         (bx, *_), state = base.dispatch(x, idx, w, sc)
         assert bx.shape[0] == n
         bd_ms = time_ms(lambda: base.dispatch(x, idx, w, sc), args.iters, args.warmup)

@@ -200,7 +200,7 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
                 id = sym_ptr<const int64_t>(base, L.stage_idx)[t * TOPK + lane];
                 wt = sym_ptr<const float>(base, L.stage_weights)[t * TOPK + lane];
             }
-            warp_copy(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * kVecs,
+            warp_copy<8>(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * kVecs,
                       sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * kVecs, kVecs, lane);
             if (lane < TOPK) {
                 const int64_t local = id - rank * kLocal;

@@ -16,6 +16,7 @@ if paddle_torch_proxy_active():  # paddle.enable_compat(): `torch` is Paddle, us
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "float32", torch.int64: "int64", torch.int32: "int32",
            torch.bool: "bool", torch.uint8: "uint8", **({torch.float8_e4m3fn: "fp8_e4m3"} if hasattr(torch, "float8_e4m3fn") else {})}
 _TORCH = {v: k for k, v in _DTYPES.items()}
+_DEVICES = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
 
 
 class TorchAdapter:
@@ -43,9 +44,11 @@ class TorchAdapter:
         return stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else None
 
     def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> torch.Tensor:
+        if stream is None:  # the hot path: a few microseconds matter while the GPU waits for the pull
+            return torch.empty(shape, dtype=_TORCH[dtype], device=_DEVICES[device])
         # the caching allocator ties a block to the stream current at allocation
-        with _current(stream, torch.device("cuda", device)):
-            return torch.empty(tuple(shape), dtype=_TORCH[dtype], device=f"cuda:{device}")
+        with _current(stream, _DEVICES[device]):
+            return torch.empty(shape, dtype=_TORCH[dtype], device=_DEVICES[device])
 
     def all_gather(self, group: Any, out: torch.Tensor, inp: torch.Tensor, stream: int | None) -> None:
         with _current(stream, out.device):

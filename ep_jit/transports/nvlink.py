@@ -137,14 +137,15 @@ class NVLinkTransport:
                             self._seqs, timeout, status, self._counters)
                 self._raise_bad_topk(op, topk_idx)
             num_recv = capacity = self.mailbox.recv_total
-            recv_from = list(self.mailbox.recv_from[:R])
-            per_expert = list(self.mailbox.tokens_per_expert[: self.num_experts // R])
         recv_x = op.empty((capacity, H), self.dtype, dev)
         recv_idx = op.empty((capacity, K), "int64", dev)
         recv_w = op.empty((capacity, K), "float32", dev)
         recv_scales = op.empty((capacity, H // 128), "float32", dev) if fp8 else None
         pull.launch(self.num_sms, COPY_THREADS, s, p(recv_x), p(recv_scales) if fp8 else 0, p(recv_idx), p(recv_w),
                     capacity, p(recv_offsets), peers, L, rank, self._seqs, timeout, status, self._counters)
+        if num_recv is not None:  # the rest of the counts, read once the pull is on its way
+            recv_from = list(self.mailbox.recv_from[:R])
+            per_expert = list(self.mailbox.tokens_per_expert[: self.num_experts // R])
         handle = Handle(0, op.adapter.name, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from,
                         per_expert)
         keep = [token_slot, in_rank, recv_offsets, expert_counts, recv_x, recv_idx, recv_w, recv_scales]
