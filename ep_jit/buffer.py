@@ -54,8 +54,9 @@ class Buffer:
 
         `transport`: "nvlink" (every member in this NVLink domain, verified; TopologyError
         otherwise) or "collective" (the group framework's all_to_all; any topology, needs a
-        torch or paddle group and that framework's tensors; `timeout_s` does not apply, the
-        group's own timeout does)."""
+        torch or paddle group and that framework's tensors). `timeout_s`: how long a rank
+        waits for its peers before PeerTimeout (with "collective", for the count exchange;
+        the group's own timeout governs its collectives)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport: expected one of {list(TRANSPORTS)}, got {transport!r}")
         if transport == "collective":
@@ -93,10 +94,10 @@ class Buffer:
                              members=self.group.members, arch=device_arch(self.device), transport=transport)
         modules = {s.template: Module(get_kernel(s), self.device, SIGNATURES[s.template]) for s in specs}
         shape = dict(device=self.device, hidden=hidden, num_experts=num_experts, topk=topk, dtype=self.dtype,
-                     num_sms=num_sms)
+                     num_sms=num_sms, timeout_s=timeout_s)
         if transport == "nvlink":
             self._transport: NVLinkTransport | CollectiveTransport = NVLinkTransport(
-                self.group, modules, max_tokens=self.max_tokens, timeout_s=timeout_s, gather=gather, **shape)
+                self.group, modules, max_tokens=self.max_tokens, gather=gather, **shape)
         else:
             self._transport = CollectiveTransport(self.group, modules, framework_group=group, **shape)
         self._retained: list[tuple[Any, list]] = []

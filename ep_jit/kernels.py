@@ -56,19 +56,18 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], ...]] = {
                  (P, P, P, P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P)),  # pull
     "combine": ((P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P),          # push
                 (P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status, P)),         # reduce
-    "collective": ((P, c_int, P, P, P),                                               # count
-                   (P, P, P, P, P, c_int, P, P),                                      # pack
-                   (P, c_int, P, P, P, P),                                            # unpack
+    "collective": ((P, c_int, P, P, P, P, c_int),                                     # count
+                   (P, P, P, P, P, c_int, P, P, P),                                   # pack
+                   (P, c_int, P, P, P),                                               # unpack
                    (P, P, c_int, P, P)),                                              # sum
 }
 
 
-def packed_row_bytes(hidden: int, topk: int, dtype: str) -> int:
-    """Bytes of one row the collective transport sends (struct PackedRow, collective.cu):
-    x, fp8 scales, int32 top-k ids and fp32 weights, padded to 16 bytes."""
+def meta_row_bytes(hidden: int, topk: int, dtype: str) -> int:
+    """Bytes of the metadata the collective transport sends with each row (struct MetaRow,
+    collective.cu): fp8 scales, int32 top-k ids and fp32 weights, padded to 16 bytes."""
     scales = hidden // 128 * 4 if dtype == "fp8_e4m3" else 0
-    x = hidden * (1 if dtype == "fp8_e4m3" else 2)
-    return (x + scales + 8 * topk + 15) // 16 * 16
+    return (scales + 8 * topk + 15) // 16 * 16
 
 
 def buffer_specs(*, hidden: int, num_experts: int, topk: int, dtype: str, members: Sequence[int],

@@ -3,12 +3,15 @@
 //
 // count_kernel  from every member's counts row (gathered [R][R + E + 4]: tokens per
 //               destination, (token, expert) pairs per expert, the layout kernel's status
-//               words), this rank's send and receive offsets and its tokens per local expert.
-// pack_kernel   token t goes to destination r as packed row send_offsets[r] + slot(t, r):
-//               the x row, its fp8 scales, its top-k ids made local to r (others -1) and the
-//               matching weights (others 0). The rows for r stay in token order, so after
-//               the all_to_all the receiver holds them ordered by (source rank, token index).
-// unpack_kernel packed rows -> recv_x, recv_scales, recv_topk_idx (int64), recv_topk_weights.
+//               words), this rank's send and receive offsets and its tokens per local
+//               expert; it also copies the rows to mapped host memory and then writes the
+//               ticket, so the host learns the split sizes without synchronising the stream.
+// pack_kernel   token t goes to destination r as row send_offsets[r] + slot(t, r) of
+//               send_x (the x row) and of send_meta (fp8 scales, top-k ids made local to r,
+//               others -1, and the matching weights, others 0). The rows for r stay in
+//               token order, so after the all_to_all the receiver holds them ordered by
+//               (source rank, token index): x lands in recv_x itself.
+// unpack_kernel meta rows -> recv_scales, recv_topk_idx (int64), recv_topk_weights.
 // sum_kernel    combine: out[t] = sum over r of the row that r sent back for t, in fp32.
 #include "ep_common.cuh"
 
@@ -16,22 +19,20 @@ namespace ep_jit {
 
 constexpr int kPermuteThreads = 512;
 
-// One packed row: [x | scales (fp8 only) | top-k ids (int32) | top-k weights], padded to
-// 16 bytes. ep_jit/kernels.py packed_row_bytes() computes the same size.
+// One meta row: [scales (fp8 only) | top-k ids (int32) | top-k weights], padded to 16
+// bytes. ep_jit/kernels.py meta_row_bytes() computes the same size.
 template <int HIDDEN, int TOPK, typename T>
-struct PackedRow {
+struct MetaRow {
     static constexpr int kScales = sizeof(T) == 1 ? HIDDEN / kScaleBlock : 0;
-    static constexpr int kScalesAt = HIDDEN * sizeof(T);
-    static constexpr int kIdxAt = kScalesAt + kScales * 4;
+    static constexpr int kIdxAt = kScales * 4;
     static constexpr int kWeightsAt = kIdxAt + TOPK * 4;
     static constexpr int kBytes = (kWeightsAt + TOPK * 4 + 15) / 16 * 16;
-    static constexpr int kVecs = HIDDEN * sizeof(T) / 16;
 };
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kPermuteThreads)
 count_kernel(const int* __restrict__ gathered, int rank, int* __restrict__ send_offsets,
-             int* __restrict__ recv_offsets, int* __restrict__ local_expert_counts) {
+             int* __restrict__ recv_offsets, int* __restrict__ local_expert_counts, int* host, int ticket) {
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kRow = NUM_RANKS + NUM_EXPERTS + 4;
     if (threadIdx.x == 0) {
@@ -50,14 +51,21 @@ count_kernel(const int* __restrict__ gathered, int rank, int* __restrict__ send_
         for (int r = 0; r < NUM_RANKS; ++r) sum += gathered[r * kRow + NUM_RANKS + rank * kLocal + e];
         local_expert_counts[e] = sum;
     }
+    for (int i = threadIdx.x; i < NUM_RANKS * kRow; i += blockDim.x) host[4 + i] = gathered[i];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        *reinterpret_cast<volatile int*>(host) = ticket;
+    }
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kPermuteThreads)
 pack_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
             const float* __restrict__ topk_weights, const int* __restrict__ token_slot, int num_tokens,
-            const int* __restrict__ send_offsets, char* __restrict__ send) {
-    using Row = PackedRow<HIDDEN, TOPK, T>;
+            const int* __restrict__ send_offsets, T* __restrict__ send_x, char* __restrict__ send_meta) {
+    using Meta = MetaRow<HIDDEN, TOPK, T>;
+    constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
     const int lane = threadIdx.x % kWarpSize;
@@ -69,16 +77,17 @@ pack_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int
         for (int r = 0; r < NUM_RANKS; ++r) {
             const int slot = token_slot[static_cast<int64_t>(t) * NUM_RANKS + r];
             if (slot < 0) continue;
-            char* dst = send + static_cast<int64_t>(send_offsets[r] + slot) * Row::kBytes;
-            warp_copy(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(x) + static_cast<int64_t>(t) * Row::kVecs,
-                      Row::kVecs, lane);
-            for (int i = lane; i < Row::kScales; i += kWarpSize)
-                reinterpret_cast<float*>(dst + Row::kScalesAt)[i] = scales[static_cast<int64_t>(t) * Row::kScales + i];
+            const int64_t row = send_offsets[r] + slot;
+            warp_copy(reinterpret_cast<int4*>(send_x) + row * kVecs,
+                      reinterpret_cast<const int4*>(x) + static_cast<int64_t>(t) * kVecs, kVecs, lane);
+            char* meta = send_meta + row * Meta::kBytes;
+            for (int i = lane; i < Meta::kScales; i += kWarpSize)
+                reinterpret_cast<float*>(meta)[i] = scales[static_cast<int64_t>(t) * Meta::kScales + i];
             if (lane < TOPK) {
                 const int64_t local = id - static_cast<int64_t>(r) * kLocal;
                 const bool hit = id >= 0 && id < NUM_EXPERTS && local >= 0 && local < kLocal;
-                reinterpret_cast<int*>(dst + Row::kIdxAt)[lane] = hit ? static_cast<int>(local) : -1;
-                reinterpret_cast<float*>(dst + Row::kWeightsAt)[lane] = hit ? wt : 0.0f;
+                reinterpret_cast<int*>(meta + Meta::kIdxAt)[lane] = hit ? static_cast<int>(local) : -1;
+                reinterpret_cast<float*>(meta + Meta::kWeightsAt)[lane] = hit ? wt : 0.0f;
             }
         }
     }
@@ -86,21 +95,19 @@ pack_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kPermuteThreads)
-unpack_kernel(const char* __restrict__ recv, int num_rows, T* __restrict__ recv_x, float* __restrict__ recv_scales,
+unpack_kernel(const char* __restrict__ recv_meta, int num_rows, float* __restrict__ recv_scales,
               int64_t* __restrict__ recv_idx, float* __restrict__ recv_weights) {
-    using Row = PackedRow<HIDDEN, TOPK, T>;
+    using Meta = MetaRow<HIDDEN, TOPK, T>;
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
     for (int j = warp; j < num_rows; j += num_warps) {
-        const char* src = recv + static_cast<int64_t>(j) * Row::kBytes;
-        warp_copy(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * Row::kVecs,
-                  reinterpret_cast<const int4*>(src), Row::kVecs, lane);
-        for (int i = lane; i < Row::kScales; i += kWarpSize)
-            recv_scales[static_cast<int64_t>(j) * Row::kScales + i] = reinterpret_cast<const float*>(src + Row::kScalesAt)[i];
+        const char* meta = recv_meta + static_cast<int64_t>(j) * Meta::kBytes;
+        for (int i = lane; i < Meta::kScales; i += kWarpSize)
+            recv_scales[static_cast<int64_t>(j) * Meta::kScales + i] = reinterpret_cast<const float*>(meta)[i];
         if (lane < TOPK) {
-            recv_idx[static_cast<int64_t>(j) * TOPK + lane] = reinterpret_cast<const int*>(src + Row::kIdxAt)[lane];
-            recv_weights[static_cast<int64_t>(j) * TOPK + lane] = reinterpret_cast<const float*>(src + Row::kWeightsAt)[lane];
+            recv_idx[static_cast<int64_t>(j) * TOPK + lane] = reinterpret_cast<const int*>(meta + Meta::kIdxAt)[lane];
+            recv_weights[static_cast<int64_t>(j) * TOPK + lane] = reinterpret_cast<const float*>(meta + Meta::kWeightsAt)[lane];
         }
     }
 }

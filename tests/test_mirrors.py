@@ -6,7 +6,7 @@ import ctypes
 from cuda.bindings import nvrtc
 
 from ep_jit.compiler import cuda_include_dirs, template_dir
-from ep_jit.kernels import SIGNATURES, Mailbox, Status, SymLayout, packed_row_bytes
+from ep_jit.kernels import SIGNATURES, Mailbox, Status, SymLayout, meta_row_bytes
 from ep_jit.spec import DTYPES, TEMPLATES
 
 
@@ -43,9 +43,9 @@ def test_structs_match_their_ctypes_mirrors():
     assert ok, log
 
 
-def test_packed_rows_match_their_host_size():
-    checks = [f"static_assert(ep_jit::PackedRow<{h}, {k}, {DTYPES[d]}>::kBytes == {packed_row_bytes(h, k, d)}, "
-              f"\"PackedRow {h} {k} {d}\");"
+def test_meta_rows_match_their_host_size():
+    checks = [f"static_assert(ep_jit::MetaRow<{h}, {k}, {DTYPES[d]}>::kBytes == {meta_row_bytes(h, k, d)}, "
+              f"\"MetaRow {h} {k} {d}\");"
               for h in (128, 2048, 7168) for k in (1, 2, 8, 9) for d in DTYPES]
     ok, log = _compile('#include "collective.cu"\n' + "\n".join(checks) + "\n")
     assert ok, log

@@ -81,6 +81,8 @@ class PaddleAdapter:
     def all_to_all(self, group: Any, out: paddle.Tensor, inp: paddle.Tensor, out_splits: list[int],
                    in_splits: list[int], stream: int | None) -> None:
         _on_current_stream(stream)
+        if self.dtype(out) == "fp8_e4m3":  # fp8 is not an NCCL type everywhere; its bytes are
+            out, inp = out.view("uint8"), inp.view("uint8")
         # keywords: 2.6 takes (in_tensor, out_tensor, ...), 3.x (out_tensor, in_tensor, ...)
         paddle.distributed.alltoall_single(out_tensor=out, in_tensor=inp, out_split_sizes=out_splits,
                                            in_split_sizes=in_splits, group=group, sync_op=True)

@@ -57,6 +57,8 @@ class TorchAdapter:
     def all_to_all(self, group: Any, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int],
                    in_splits: list[int], stream: int | None) -> None:
         # ordered after the work queued on the current stream; that stream waits for it
+        if out.element_size() == 1:  # fp8 is not an NCCL type everywhere; its bytes are
+            out, inp = out.view(torch.uint8), inp.view(torch.uint8)
         with _current(stream, out.device):
             dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
 

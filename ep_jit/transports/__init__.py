@@ -7,8 +7,10 @@ kind of group; the Buffer checks every argument before a transport sees it.
 
 from __future__ import annotations
 
+import ctypes
+import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from ..frameworks import Adapter
 
@@ -61,3 +63,19 @@ def bad_topk_message(source: int, flat: int, topk: int, num_experts: int, value:
         return f"topk_idx: expected ids in [-1, {num_experts}), got {value} at {where}; no token was moved"
     return (f"topk_idx: expected ids in [-1, {num_experts}), but rank {source} passed an id outside that range at "
             f"{where} of its topk_idx; no token of this dispatch was moved")
+
+
+def wait_for_ticket(address: int, ticket: int, timeout_s: float, poll: Callable[[], None]) -> bool:
+    """Spin until the int at `address` (mapped host memory a kernel writes last) equals
+    `ticket`, calling `poll` on the way; False when `timeout_s` passes first."""
+    word = ctypes.c_int.from_address(address)
+    deadline = time.monotonic() + timeout_s
+    spins = 0
+    while word.value != ticket:
+        poll()
+        spins += 1
+        if spins > 10000:  # past ~10 ms: check the clock and stop burning the core
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(20e-6)
+    return True

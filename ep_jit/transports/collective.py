@@ -2,10 +2,11 @@
 on GPUs), so it serves groups whose members do not share one NVLink domain.
 
 dispatch: layout kernel -> all_gather of every member's counts -> count kernel (offsets,
-tokens per expert) -> the host reads the counts (the split sizes of the all_to_all) ->
-pack kernel -> all_to_all of packed rows -> unpack kernel. combine: all_to_all of the
-expert outputs back -> sum kernel. Each step runs on the operation's stream; the
-framework orders its collective after the work already queued there.
+tokens per expert, and the counts in mapped host memory, where the host reads the split
+sizes of the all_to_all without synchronising the stream) -> pack kernel -> all_to_all
+of the rows straight into recv_x, and of their metadata -> unpack kernel (metadata).
+combine: all_to_all of the expert outputs back -> sum kernel. Each step runs on the
+operation's stream; the framework orders its collective after the work queued there.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from typing import Any
 
 from cuda.bindings import driver
 
-from ..errors import EPJitError
+from ..errors import EPJitError, PeerTimeout
 from ..group import GroupInfo
-from ..kernels import Status, packed_row_bytes
+from ..kernels import Status, meta_row_bytes
 from ..runtime import Module, check, quiesce
-from . import COPY_THREADS, LAYOUT_THREADS, DispatchResult, Handle, Operation, bad_topk_message
+from . import COPY_THREADS, LAYOUT_THREADS, DispatchResult, Handle, Operation, bad_topk_message, wait_for_ticket
 
 STATUS_WORDS = 4  # the layout kernel's status words end every counts row
 
@@ -41,15 +42,21 @@ def collective_framework(group: Any) -> str:
 
 class CollectiveTransport:
     def __init__(self, group: GroupInfo, modules: dict[str, Module], *, framework_group: Any, device: int,
-                 hidden: int, num_experts: int, topk: int, dtype: str, num_sms: int) -> None:
+                 hidden: int, num_experts: int, topk: int, dtype: str, num_sms: int, timeout_s: float) -> None:
         self.framework, self.framework_group = collective_framework(framework_group), framework_group
         self.group, self.modules, self.device = group, modules, device
         self.hidden, self.num_experts, self.topk, self.dtype, self.num_sms = hidden, num_experts, topk, dtype, num_sms
-        self.row_bytes = packed_row_bytes(hidden, topk, dtype)
+        self.timeout_s = timeout_s
+        self.meta_bytes = meta_row_bytes(hidden, topk, dtype)
         self.counts_len = group.size + num_experts + STATUS_WORDS
-        nbytes = 4 * group.size * self.counts_len
-        self._host = int(check(driver.cuMemHostAlloc(nbytes, 0), "cuMemHostAlloc(counts)"))
+        # mapped host memory: [0] the ticket of the last count kernel, from [4] every member's counts row
+        nbytes = 4 * (4 + group.size * self.counts_len)
+        self._host = int(check(driver.cuMemHostAlloc(nbytes, driver.CU_MEMHOSTALLOC_DEVICEMAP |
+                                                     driver.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(counts)"))
+        ctypes.memset(self._host, 0, nbytes)
+        self._host_dev = int(check(driver.cuMemHostGetDevicePointer(self._host, 0), "cuMemHostGetDevicePointer"))
         self._finalizer = weakref.finalize(self, _free_host, device, self._host)
+        self._tickets = 0
         self.closed = False
 
     def check_error(self) -> None:
@@ -87,39 +94,45 @@ class CollectiveTransport:
         a.all_gather(self.framework_group, gathered, counts, op.foreign_stream)
         send_offsets, recv_offsets = op.empty((R + 1,), "int32", dev), op.empty((R + 1,), "int32", dev)
         expert_counts = op.empty((E // R,), "int32", dev)
-        count.launch(1, COPY_THREADS, s, p(gathered), rank, p(send_offsets), p(recv_offsets), p(expert_counts))
-        rows = self._read_counts(p(gathered), s)
+        self._tickets += 1
+        count.launch(1, COPY_THREADS, s, p(gathered), rank, p(send_offsets), p(recv_offsets), p(expert_counts),
+                     self._host_dev, self._tickets)
+        rows = self._read_counts(self._tickets)
 
         bad = [(src, row[R + E + 1] - 1) for src, row in enumerate(rows) if row[R + E + 1]]
         if bad:  # every rank has every row, so all raise alike and no token moves
             raise ValueError(bad_topk_message(*bad[0], K, E, None))
         sent_to, recv_from = rows[rank][:R], [row[rank] for row in rows]
-        per_expert = [sum(row[R + rank * (E // R) + e] for row in rows) for e in range(E // R)]
         S, N = sum(sent_to), sum(recv_from)
 
-        send = op.empty((S, self.row_bytes), "uint8", dev)
-        recv = op.empty((N, self.row_bytes), "uint8", dev)
+        send_x, send_meta = op.empty((S, H), self.dtype, dev), op.empty((S, self.meta_bytes), "uint8", dev)
         pack.launch(self.num_sms, COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx), p(topk_weights),
-                    p(token_slot), T, p(send_offsets), p(send))
-        a.all_to_all(self.framework_group, recv, send, recv_from, sent_to, op.foreign_stream)
-        recv_x = op.empty((N, H), self.dtype, dev)
+                    p(token_slot), T, p(send_offsets), p(send_x), p(send_meta))
+        recv_x, recv_meta = op.empty((N, H), self.dtype, dev), op.empty((N, self.meta_bytes), "uint8", dev)
+        a.all_to_all(self.framework_group, recv_x, send_x, recv_from, sent_to, op.foreign_stream)
+        a.all_to_all(self.framework_group, recv_meta, send_meta, recv_from, sent_to, op.foreign_stream)
         recv_idx, recv_w = op.empty((N, K), "int64", dev), op.empty((N, K), "float32", dev)
         recv_scales = op.empty((N, H // 128), "float32", dev) if fp8 else None
-        unpack.launch(self.num_sms, COPY_THREADS, s, p(recv), N, p(recv_x), p(recv_scales) if fp8 else 0,
-                      p(recv_idx), p(recv_w))
+        unpack.launch(self.num_sms, COPY_THREADS, s, p(recv_meta), N, p(recv_scales) if fp8 else 0, p(recv_idx),
+                      p(recv_w))
+        per_expert = [sum(row[R + rank * (E // R) + e] for row in rows) for e in range(E // R)]
         handle = Handle(0, a.name, T, token_slot, in_rank, recv_offsets, N, N, recv_from, per_expert,
                         send_offsets=send_offsets, sent_to=sent_to)
-        keep = [counts, gathered, send, recv, token_slot, in_rank, send_offsets, recv_offsets, expert_counts,
-                recv_x, recv_idx, recv_w, recv_scales]
+        keep = [counts, gathered, send_x, send_meta, recv_meta, token_slot, in_rank, send_offsets, recv_offsets,
+                expert_counts, recv_x, recv_idx, recv_w, recv_scales]
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle), keep
 
-    def _read_counts(self, gathered: int, stream: int) -> list[list[int]]:
-        """Every member's counts row, on the host: the split sizes the all_to_all needs."""
-        nbytes = 4 * self.group.size * self.counts_len
-        check(driver.cuMemcpyDtoHAsync(self._host, gathered, nbytes, stream), "cuMemcpyDtoHAsync(counts)")
-        check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
-        flat = (ctypes.c_int * (self.group.size * self.counts_len)).from_address(self._host)
-        return [list(flat[r * self.counts_len:(r + 1) * self.counts_len]) for r in range(self.group.size)]
+    def _read_counts(self, ticket: int) -> list[list[int]]:
+        """Every member's counts row, once the count kernel of `ticket` has written them to
+        mapped host memory: the split sizes the all_to_all needs."""
+        if not wait_for_ticket(self._host, ticket, self.timeout_s, lambda: None):
+            self.closed = True
+            self._finalizer.detach()  # the stuck kernels may still write it: never free it under them
+            raise PeerTimeout(f"count exchange: the group's all_gather did not finish within {self.timeout_s:g} s; "
+                              "this Buffer is unusable")
+        n = self.counts_len
+        flat = (ctypes.c_int * (self.group.size * n)).from_address(self._host + 16)
+        return [list(flat[r * n:(r + 1) * n]) for r in range(self.group.size)]
 
     # ---- combine ----------------------------------------------------------------
 

@@ -8,7 +8,6 @@ that times out is reported in the status words and raised on the host as PeerTim
 from __future__ import annotations
 
 import ctypes
-import time
 import weakref
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ from ..group import GroupInfo
 from ..kernels import Mailbox, Status
 from ..runtime import Module, check, quiesce, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from . import COPY_THREADS, DispatchResult, Handle, Operation, bad_topk_message
+from . import COPY_THREADS, DispatchResult, Handle, Operation, bad_topk_message, wait_for_ticket
 
 PHASES = {1: "dispatch staging (waiting for peers to finish reading the previous stage)",
           2: "count exchange", 3: "combine push (waiting for peers to finish the previous combine)",
@@ -152,18 +151,13 @@ class NVLinkTransport:
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle), keep
 
     def _wait_for_counts(self, ticket: int) -> None:
-        """Spin on mapped host memory until the count exchange of `ticket` has landed."""
-        deadline = time.monotonic() + self.timeout_s + 1.0
-        spins = 0
-        while ctypes.c_int.from_address(self._host_mailbox).value != ticket:
+        """Wait on mapped host memory until the count exchange of `ticket` has landed."""
+        def poll() -> None:
             if self.mailbox.status[0]:
                 self.check_error()
-            spins += 1
-            if spins > 10000:
-                if time.monotonic() > deadline:
-                    self.close(wait_for_peers=False)
-                    raise PeerTimeout(f"count exchange: no answer from the device within {self.timeout_s + 1:g} s")
-                time.sleep(20e-6)
+        if not wait_for_ticket(self._host_mailbox, ticket, self.timeout_s + 1.0, poll):
+            self.close(wait_for_peers=False)
+            raise PeerTimeout(f"count exchange: no answer from the device within {self.timeout_s + 1:g} s")
         self.check_error()
 
     # ---- combine ----------------------------------------------------------------
