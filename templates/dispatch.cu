@@ -168,6 +168,7 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kScales = HIDDEN / kScaleBlock;
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
+    constexpr int kScalesPerLane = kFp8 ? (kScales + kWarpSize - 1) / kWarpSize : 1;
     static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
     __shared__ int offsets[NUM_RANKS + 1];
     if (failed(st)) return;  // the count exchange failed: nothing valid to pull
@@ -195,13 +196,21 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
             const int j = begin + i;
             const int t = __shfl_sync(0xffffffffu, my_token, i);
             int64_t id = 0;
-            float wt = 0.0f;
-            if (lane < TOPK) {  // issue the small loads before the row's
+            float wt = 0.0f, sc[kScalesPerLane];
+            if (lane < TOPK) {  // issue the small loads before the row's, to share its round trip
                 id = sym_ptr<const int64_t>(base, L.stage_idx)[t * TOPK + lane];
                 wt = sym_ptr<const float>(base, L.stage_weights)[t * TOPK + lane];
             }
-            warp_copy<8>(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * kVecs,
-                      sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * kVecs, kVecs, lane);
+            if constexpr (kFp8) {
+                const float* s = sym_ptr<const float>(base, L.stage_scales) + t * kScales;
+#pragma unroll
+                for (int u = 0; u < kScalesPerLane; ++u)
+                    if (lane + u * kWarpSize < kScales) sc[u] = s[lane + u * kWarpSize];
+            }
+            // enough loads in flight that a row takes about one round trip over NVLink
+            warp_copy<kFp8 ? 16 : 8>(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * kVecs,
+                                     sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * kVecs, kVecs,
+                                     lane);
             if (lane < TOPK) {
                 const int64_t local = id - rank * kLocal;
                 const bool hit = local >= 0 && local < kLocal;
@@ -209,8 +218,10 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
                 recv_weights[static_cast<int64_t>(j) * TOPK + lane] = hit ? wt : 0.0f;
             }
             if constexpr (kFp8) {
-                const float* s = sym_ptr<const float>(base, L.stage_scales) + t * kScales;
-                for (int k = lane; k < kScales; k += kWarpSize) recv_scales[static_cast<int64_t>(j) * kScales + k] = s[k];
+#pragma unroll
+                for (int u = 0; u < kScalesPerLane; ++u)
+                    if (lane + u * kWarpSize < kScales)
+                        recv_scales[static_cast<int64_t>(j) * kScales + lane + u * kWarpSize] = sc[u];
             }
         }
     }
