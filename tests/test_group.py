@@ -104,8 +104,8 @@ def test_torch_gloo_groups():
 
 PADDLE_WORKER = textwrap.dedent("""
     import sys
+    from ep_jit import GroupInfo  # before paddle: Paddle 2.6's CPU wheel breaks Python's zlib on import
     import paddle, paddle.distributed as dist
-    from ep_jit import GroupInfo
     dist.init_parallel_env()
     rank = dist.get_rank()
     sub = dist.new_group([1, 2], backend="gloo")

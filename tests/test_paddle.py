@@ -89,10 +89,10 @@ def test_torch_proxy_routes_to_paddle():
 
 
 WORKER = textwrap.dedent("""
+    from ep_jit import GroupInfo  # before paddle: Paddle 2.6's CPU wheel breaks Python's zlib on import
+    from ep_jit.frameworks import object_all_gather
     import paddle, paddle.distributed as dist
     from ep_jit.frameworks.paddle import PaddleAdapter
-    from ep_jit import GroupInfo
-    from ep_jit.frameworks import object_all_gather
     dist.init_parallel_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     members = list(range(1, world))[::-1]                    # every rank but 0, given in reverse
