@@ -48,16 +48,19 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
     __shared__ int from[NUM_RANKS];
     const uint64_t my_base = peers[rank];
 
-    // written by the other layout blocks: read past L1
-    if (threadIdx.x < NUM_RANKS) {
-        const int dst = threadIdx.x;
-        int* row = sym_ptr<int>(peers[dst], L.counts) + rank * kRow;
-        row[0] = ld_volatile(tokens_per_rank + dst);
-        for (int e = 0; e < kLocal; ++e) row[1 + e] = ld_volatile(tokens_per_expert + dst * kLocal + e);
-        row[kRow - 1] = ld_volatile(st.device + 1);
-        __threadfence_system();  // the counts and the send lists before the flag
-        st_release_sys(flag_slot(peers[dst], L, kCountsReady, rank, NUM_RANKS), want);
+    // every thread copies some entries (written by the other layout blocks: read past L1);
+    // one thread per destination would wait for each load in turn
+    for (int i = threadIdx.x; i < NUM_RANKS * kRow; i += blockDim.x) {
+        const int dst = i / kRow, k = i % kRow;
+        const int value = k == 0 ? ld_volatile(tokens_per_rank + dst)
+                        : k == kRow - 1 ? ld_volatile(st.device + 1)
+                                        : ld_volatile(tokens_per_expert + dst * kLocal + k - 1);
+        sym_ptr<int>(peers[dst], L.counts)[rank * kRow + k] = value;
     }
+    __threadfence_system();  // the counts, and this block's send list, before the flags
+    __syncthreads();
+    if (threadIdx.x < NUM_RANKS)
+        st_release_sys(flag_slot(peers[threadIdx.x], L, kCountsReady, rank, NUM_RANKS), want);
     if (!block_wait_all<NUM_RANKS>(my_base, L, kCountsReady, want, timeout_ns, st, kPhaseNotify)) return;
     const int* counts = sym_ptr<int>(my_base, L.counts);
     if (threadIdx.x < NUM_RANKS) from[threadIdx.x] = counts[threadIdx.x * kRow];
