@@ -162,10 +162,11 @@ def suite_collective() -> int:
         x = torch.randn(32, H, device=DEV).bfloat16()
         idx = torch.randint(0, E, (32, K), device=DEV)
         w = torch.rand(32, K, device=DEV)
-        bad = idx.clone()
-        if RANK == 1:
+        bad, culprit = idx.clone(), 1 % WORLD
+        if RANK == culprit:
             bad[5, 1] = -3
-        n += expect(ValueError, "rank 1 passed an id outside that range at [5, 1]", lambda: buf.dispatch(x, bad, w))
+        n += expect(ValueError, f"rank {culprit} passed an id outside that range at [5, 1]",
+                    lambda: buf.dispatch(x, bad, w))
         n += expect(ValueError, "capacity: expected None with transport='collective'",
                     lambda: buf.dispatch(x, idx, w, capacity=64))
         try:
