@@ -67,6 +67,10 @@ class Buffer:
         self.max_tokens = _positive("max_tokens_per_rank", max_tokens_per_rank)
         self.dtype = canonical_dtype(dtype)
         _positive("num_experts", num_experts)  # the rest of the shape is checked by KernelSpec
+        _positive("num_sms", num_sms)
+        if transport == "nvlink" and num_sms < R + 1:  # the send kernel: R layout blocks beside the staging ones
+            raise ValueError(f"num_sms: expected at least {R + 1} for the NVLink transport over {R} ranks, "
+                             f"got {num_sms}")
         if R > MAX_RANKS or num_experts // R > MAX_LOCAL_EXPERTS:
             raise ValueError(f"group: expected at most {MAX_RANKS} ranks and {MAX_LOCAL_EXPERTS} experts per rank, "
                              f"got {R} ranks and {num_experts} experts")
@@ -84,7 +88,7 @@ class Buffer:
                                                  transport=transport))
         use_device(self.device)
         sm_count = device_attribute(self.device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        self.num_sms = _positive("num_sms", num_sms)
+        self.num_sms = num_sms
         if num_sms > sm_count:
             raise ValueError(f"num_sms: expected at most the device's {sm_count} SMs, got {num_sms}")
         self.id = next(_ids)

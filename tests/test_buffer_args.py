@@ -29,6 +29,9 @@ def test_groupinfo_needs_a_device_and_a_gather():
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(max_tokens_per_rank=0), "max_tokens_per_rank: expected a positive int, got 0"),
     (dict(dtype="fp16"), "dtype: expected one of"),
+    (dict(num_sms=0), "num_sms: expected a positive int, got 0"),
+    (dict(group=GroupInfo([0, 1, 2], 0), num_sms=3, all_gather=lambda obj: [obj] * 3),
+     "num_sms: expected at least 4 for the NVLink transport over 3 ranks, got 3"),
 ])
 def test_bad_arguments(kwargs, needle):
     args = dict(group=GroupInfo([0], 0), hidden=2048, num_experts=64, topk=2, max_tokens_per_rank=128, device=0)

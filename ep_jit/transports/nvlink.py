@@ -123,7 +123,7 @@ class NVLinkTransport:
         L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
         send, pull = self.modules["dispatch"][0], self.modules["dispatch"][1]
         # R layout blocks (the last also exchanges the counts) beside the staging blocks, within num_sms
-        send.launch(max(self.num_sms, R + 1), COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx),
+        send.launch(self.num_sms, COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx),
                     p(topk_weights), T, p(in_rank), p(token_slot), self._tokens_per_rank, self._tokens_per_expert,
                     peers, L, rank, self._seqs, ticket, timeout, status, p(recv_offsets), p(expert_counts),
                     self._mailbox_dev, self._counters + 12)
