@@ -2,8 +2,9 @@
 mirrors of the structs they share with the host.
 
 ep-jit-warm and Buffer both build their kernel lists here, so what is warmed ahead
-of time (the kernels of either transport) covers what a Buffer asks for at run time. The ctypes mirrors follow the
-structs in templates/ (tests/test_mirrors.py compiles a check of every offset).
+of time (the kernels of either transport) covers what a Buffer asks for at run time.
+The ctypes mirrors follow the structs in templates/ (tests/test_mirrors.py compiles a
+check of every offset).
 """
 
 from __future__ import annotations

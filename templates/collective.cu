@@ -107,7 +107,8 @@ unpack_kernel(const char* __restrict__ recv_meta, int num_rows, float* __restric
             recv_scales[static_cast<int64_t>(j) * Meta::kScales + i] = reinterpret_cast<const float*>(meta)[i];
         if (lane < TOPK) {
             recv_idx[static_cast<int64_t>(j) * TOPK + lane] = reinterpret_cast<const int*>(meta + Meta::kIdxAt)[lane];
-            recv_weights[static_cast<int64_t>(j) * TOPK + lane] = reinterpret_cast<const float*>(meta + Meta::kWeightsAt)[lane];
+            recv_weights[static_cast<int64_t>(j) * TOPK + lane] =
+                reinterpret_cast<const float*>(meta + Meta::kWeightsAt)[lane];
         }
     }
 }

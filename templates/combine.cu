@@ -70,7 +70,8 @@ reduce_kernel(bf16* __restrict__ out, const int* __restrict__ token_slot, int nu
         }
         warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from, lane);
     }
-    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kCombineConsumed, rank, make_flag(TAG, seq), &seqs->combine, seq);
+    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kCombineConsumed, rank, make_flag(TAG, seq),
+                              &seqs->combine, seq);
 }
 
 }  // namespace ep_jit

@@ -233,7 +233,8 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
         recv_idx[i] = -1;
         recv_weights[i] = 0.0f;
     }
-    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kStageConsumed, rank, make_flag(TAG, seq), &seqs->dispatch, seq);
+    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kStageConsumed, rank, make_flag(TAG, seq),
+                              &seqs->dispatch, seq);
 }
 
 }  // namespace ep_jit

@@ -38,7 +38,8 @@ class CupyAdapter:
 
     def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> cupy.ndarray:
         import numpy
-        np_dtype = numpy.dtype(_NUMPY[dtype]) if dtype in ("float32", "int64", "int32", "bool", "uint8") else _ml_dtype(dtype)
+        plain = dtype in ("float32", "int64", "int32", "bool", "uint8")
+        np_dtype = numpy.dtype(_NUMPY[dtype]) if plain else _ml_dtype(dtype)
         with cupy.cuda.Device(device):
             return cupy.empty(tuple(shape), dtype=np_dtype)
 

@@ -14,7 +14,8 @@ if paddle_torch_proxy_active():  # paddle.enable_compat(): `torch` is Paddle, us
     raise ImportError("torch is Paddle's compatibility proxy here; tensors go through the Paddle adapter")
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float32: "float32", torch.int64: "int64", torch.int32: "int32",
-           torch.bool: "bool", torch.uint8: "uint8", **({torch.float8_e4m3fn: "fp8_e4m3"} if hasattr(torch, "float8_e4m3fn") else {})}
+           torch.bool: "bool", torch.uint8: "uint8",
+           **({torch.float8_e4m3fn: "fp8_e4m3"} if hasattr(torch, "float8_e4m3fn") else {})}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 _DEVICES = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
 
