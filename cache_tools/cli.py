@@ -92,7 +92,7 @@ def _print(obj, as_json: bool, text: str) -> None:
 
 def cmd_list(cache: DiskCache, args) -> int:
     rows = [r.summary() for r in scan(cache)]
-    lines = [f"{'key':12}  {'template':8}  {'params':64}  {'group':12}  {'arch':7}  {'nvrtc':5}  "
+    lines = [f"{'key':12}  {'template':10}  {'params':64}  {'group':12}  {'arch':7}  {'nvrtc':5}  "
              f"{'size':>8}  {'created':25}  last used"]
     for r in rows:
         if r["status"] == "corrupt":
@@ -100,7 +100,7 @@ def cmd_list(cache: DiskCache, args) -> int:
             continue
         params = ",".join(f"{k}={v}" for k, v in r["params"].items())
         status = "" if r["status"] == "ok" else f"  [{r['status']}]"
-        lines.append(f"{r['key'][:12]}  {r['template']:8}  {params:64}  {r['group'][:12]}  {r['arch']:7}  "
+        lines.append(f"{r['key'][:12]}  {r['template']:10}  {params:64}  {r['group'][:12]}  {r['arch']:7}  "
                      f"{r['nvrtc']:5}  {r['size']:>8}  {r['created']:25}  {r['last_used']}{status}")
     _print(rows, args.json, "\n".join(lines))
     return 0
