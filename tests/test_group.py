@@ -80,7 +80,7 @@ def _spawn(code: str, world: int, env_for_rank=lambda r: {}) -> list[str]:
     try:
         for p in procs:
             out, err = p.communicate(timeout=240)
-            assert p.returncode == 0, err[-3000:]
+            assert p.returncode == 0, f"stdout: {out[-1000:]}\nstderr: {err[-3000:]}"
             outs.append(out)
     finally:
         for p in procs:  # a failed rank must not leave the others waiting forever

@@ -18,6 +18,8 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float32: "float32", torch.int64: "int64
            **({torch.float8_e4m3fn: "fp8_e4m3"} if hasattr(torch, "float8_e4m3fn") else {})}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 _DEVICES = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+# all_gather_single (newer torch) replaces all_gather_into_tensor (deprecated there); same arguments
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class TorchAdapter:
@@ -53,7 +55,7 @@ class TorchAdapter:
 
     def all_gather(self, group: Any, out: torch.Tensor, inp: torch.Tensor, stream: int | None) -> None:
         with _current(stream, out.device):
-            dist.all_gather_into_tensor(out, inp, group=group)
+            _all_gather_single(out, inp, group=group)
 
     def all_to_all(self, group: Any, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int],
                    in_splits: list[int], stream: int | None) -> None:
