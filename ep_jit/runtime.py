@@ -63,6 +63,15 @@ def quiesce(device: int) -> bool:
         return False
 
 
+def mapped_host_memory(nbytes: int, what: str) -> tuple[int, int]:
+    """Zeroed pinned host memory that kernels write and the host polls: (host address,
+    device address). Free it with cuMemFreeHost."""
+    host = int(check(driver.cuMemHostAlloc(nbytes, driver.CU_MEMHOSTALLOC_DEVICEMAP |
+                                           driver.CU_MEMHOSTALLOC_PORTABLE), f"cuMemHostAlloc({what})"))
+    ctypes.memset(host, 0, nbytes)
+    return host, int(check(driver.cuMemHostGetDevicePointer(host, 0), f"cuMemHostGetDevicePointer({what})"))
+
+
 def device_attribute(device: int, attribute: driver.CUdevice_attribute) -> int:
     _init()
     return check(driver.cuDeviceGetAttribute(attribute, check(driver.cuDeviceGet(device), "cuDeviceGet")),

@@ -20,7 +20,7 @@ from cuda.bindings import driver
 from ..errors import EPJitError, PeerTimeout
 from ..group import GroupInfo
 from ..kernels import Status, meta_row_bytes
-from ..runtime import Module, check, quiesce
+from ..runtime import Module, check, mapped_host_memory, quiesce
 from . import COPY_THREADS, LAYOUT_THREADS, DispatchResult, Handle, Operation, bad_topk_message, wait_for_ticket
 
 STATUS_WORDS = 4  # the layout kernel's status words end every counts row
@@ -50,11 +50,7 @@ class CollectiveTransport:
         self.meta_bytes = meta_row_bytes(hidden, topk, dtype)
         self.counts_len = group.size + num_experts + STATUS_WORDS
         # mapped host memory: [0] the ticket of the last count kernel, from [4] every member's counts row
-        nbytes = 4 * (4 + group.size * self.counts_len)
-        self._host = int(check(driver.cuMemHostAlloc(nbytes, driver.CU_MEMHOSTALLOC_DEVICEMAP |
-                                                     driver.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(counts)"))
-        ctypes.memset(self._host, 0, nbytes)
-        self._host_dev = int(check(driver.cuMemHostGetDevicePointer(self._host, 0), "cuMemHostGetDevicePointer"))
+        self._host, self._host_dev = mapped_host_memory(4 * (4 + group.size * self.counts_len), "counts")
         self._finalizer = weakref.finalize(self, _free_host, device, self._host)
         self._tickets = 0
         self.closed = False

@@ -16,7 +16,7 @@ from cuda.bindings import driver
 from ..errors import EPJitError, PeerTimeout
 from ..group import GroupInfo
 from ..kernels import Mailbox, Status
-from ..runtime import Module, check, quiesce, use_device
+from ..runtime import Module, check, mapped_host_memory, quiesce, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
 from . import COPY_THREADS, DispatchResult, Handle, Operation, bad_topk_message, wait_for_ticket
 
@@ -52,12 +52,8 @@ class NVLinkTransport:
         ws = int(self._workspace)
         self._counters, self._status_words, self._seqs = ws, ws + 32, ws + 48
         self._tokens_per_rank, self._tokens_per_expert = ws + 64, ws + 64 + 4 * R
-        self._host_mailbox = check(driver.cuMemHostAlloc(ctypes.sizeof(Mailbox), driver.CU_MEMHOSTALLOC_DEVICEMAP |
-                                                         driver.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc(mailbox)")
-        ctypes.memset(self._host_mailbox, 0, ctypes.sizeof(Mailbox))
+        self._host_mailbox, self._mailbox_dev = mapped_host_memory(ctypes.sizeof(Mailbox), "mailbox")
         self.mailbox = Mailbox.from_address(self._host_mailbox)
-        self._mailbox_dev = int(check(driver.cuMemHostGetDevicePointer(self._host_mailbox, 0),
-                                      "cuMemHostGetDevicePointer"))
         self._status = Status(self._status_words, self._mailbox_dev + Mailbox.status.offset)
         self._finalizer = weakref.finalize(self, _free, device, self._workspace, self._host_mailbox)
         self._tickets = 0  # host-side id of each default-mode dispatch, echoed by the count exchange
