@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import Callable
 
 from cuda.bindings import driver
 
@@ -46,8 +47,22 @@ def visible_devices() -> dict[str, int]:
 
 
 def verify_nvlink_domain(endpoints: list[Endpoint], me: int, device: int) -> None:
-    """Raise TopologyError unless every member is on this host and this GPU can access
-    each member's GPU as a peer. The message names the members that cannot."""
+    """Raise TopologyError unless every member is on this host and this GPU reaches each
+    member's GPU memory directly. The message names the members that cannot."""
+    dev = check(driver.cuDeviceGet(device), "cuDeviceGet")
+
+    def can_access_peer(ordinal: int) -> bool:
+        peer = check(driver.cuDeviceGet(ordinal), "cuDeviceGet")
+        return bool(check(driver.cuDeviceCanAccessPeer(dev, peer), "cuDeviceCanAccessPeer"))
+
+    check_reachable(endpoints, me, visible_devices(), can_access_peer)
+
+
+def check_reachable(endpoints: list[Endpoint], me: int, visible: dict[str, int],
+                    can_access_peer: Callable[[int], bool]) -> None:
+    """The rule itself: every member on this host, and each member's GPU either this GPU
+    (members may share one, e.g. under MPS; IPC needs no peer access then) or a visible
+    GPU that this one can access as a peer."""
     mine = endpoints[me]
     elsewhere = [e for e in endpoints if e.hostname != mine.hostname]
     if elsewhere:
@@ -55,21 +70,14 @@ def verify_nvlink_domain(endpoints: list[Endpoint], me: int, device: int) -> Non
             f"group: expected every member on host {mine.hostname!r} (one NVLink domain), but ranks "
             f"{[e.rank for e in elsewhere]} are on {sorted({e.hostname for e in elsewhere})}; for a group that "
             "spans NVLink domains, pass transport='collective'")
-    uuids = [e.gpu_uuid for e in endpoints]
-    if len(set(uuids)) != len(uuids):
-        raise TopologyError(f"group: expected one GPU per member, got GPU UUIDs {uuids}")
-    visible = visible_devices()
-    dev = check(driver.cuDeviceGet(device), "cuDeviceGet")
     unreachable = []
     for e in endpoints:
-        if e.rank == me:
+        if e.gpu_uuid == mine.gpu_uuid:
             continue
         ordinal = visible.get(e.gpu_uuid)
         if ordinal is None:
             unreachable.append((e.rank, "its GPU is not visible in this process (CUDA_VISIBLE_DEVICES)"))
-            continue
-        peer = check(driver.cuDeviceGet(ordinal), "cuDeviceGet")
-        if not check(driver.cuDeviceCanAccessPeer(dev, peer), "cuDeviceCanAccessPeer"):
+        elif not can_access_peer(ordinal):
             unreachable.append((e.rank, f"no peer access from GPU {mine.pci_bus_id} to {e.pci_bus_id}"))
     if unreachable:
         detail = "; ".join(f"rank {r}: {why}" for r, why in unreachable)

@@ -1,4 +1,5 @@
-"""One rank of the multi-GPU EP checks (run by tests/gpu/test_ep_gpu.py, one process per GPU).
+"""One rank of the multi-GPU EP checks (run by tests/gpu/test_ep_gpu.py, one process per
+GPU; rank r on GPU r % count, so ranks share GPUs where there are more ranks than GPUs).
 
     RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. EP_TEST_SEED=.. python tests/ep_worker.py SUITE
 
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from ep_reference import combine_reference, dispatch_reference, expert_output  # noqa: E402
 
 import ep_jit  # noqa: E402
-from ep_jit.errors import PeerTimeout  # noqa: E402
+from ep_jit.errors import EPJitError, PeerTimeout  # noqa: E402
 
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 SEED = int(os.environ.get("EP_TEST_SEED", "1234"))
@@ -114,20 +115,26 @@ CASES = [*[(s, "bf16") for s in SHAPES], ((7168, 256, 8), "fp8_e4m3"), ((2048, 6
 KINDS = ["random", "skewed", "empty", "masked", "zero_on_one", "full"]
 
 
-def suite_full() -> int:
+def suite_full(kinds: list[str] = KINDS) -> int:
     n = 0
     side = torch.cuda.Stream(DEV)
     for (H, E, K), dtype in CASES:
         if E % WORLD:
             continue
-        with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=256, dtype=dtype, num_sms=8) as buf:
-            for i, kind in enumerate(KINDS):
+        with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=256, dtype=dtype,
+                           num_sms=max(8, WORLD + 1)) as buf:
+            for i, kind in enumerate(kinds):
                 data = inputs(kind, E, K, H, dtype, 256, SEED + 1000 * n + i)
                 check_round(buf, data, E, H, dtype)
                 check_round(buf, data, E, H, dtype, stream=side)             # non-default stream
                 check_round(buf, data, E, H, dtype, capacity=WORLD * 256)    # non-blocking mode
                 n += 3
     return n
+
+
+def suite_sharing() -> int:
+    """`full` with two routings: where ranks share a GPU their kernels time-slice (~1 s a round)."""
+    return suite_full(["skewed", "zero_on_one"])
 
 
 def same_bits(a, b, data) -> None:
@@ -324,6 +331,30 @@ def suite_timeout() -> int:
     return 1
 
 
+def suite_collective_timeout() -> int:
+    """transport='collective': rank 0 dispatches alone, its all_gather never completes, and
+    the host's wait gives up. The stuck NCCL kernel stays on rank 0's stream, so the process
+    leaves without tearing the group down."""
+    side = dist.new_group(backend="gloo")  # a barrier that does not queue behind the stuck stream
+    buf = ep_jit.Buffer(dist.group.WORLD, 2048, 8, 2, 16, num_sms=3, transport="collective", timeout_s=3)
+    x = torch.randn(8, 2048, device=DEV).bfloat16()
+    idx = torch.randint(0, 8, (8, 2), device=DEV)
+    w = torch.rand(8, 2, device=DEV)
+    res = buf.dispatch(x, idx, w)  # both ranks first: the group works
+    buf.combine(res.recv_x, res.handle)
+    torch.cuda.synchronize()
+    if RANK == 0:
+        t0 = time.time()
+        expect(PeerTimeout, "count exchange: the group's all_gather did not finish within 3 s",
+               lambda: buf.dispatch(x, idx, w))
+        assert time.time() - t0 < 10
+        assert buf.closed
+        expect(EPJitError, "Buffer: it is closed", lambda: buf.dispatch(x, idx, w))
+    dist.barrier(group=side)
+    print("OK collective_timeout 2", flush=True)
+    os._exit(0)
+
+
 def suite_cupy() -> int:
     import cupy
     H, E, K = 2048, 64, 8
@@ -354,7 +385,10 @@ def _cupy_bf16():
 
 if __name__ == "__main__":
     torch.cuda.set_device(DEV)
-    dist.init_process_group("nccl", device_id=DEV)
+    # NCCL refuses two ranks on one GPU; ep_jit's NVLink transport needs the group only
+    # for its object all-gather, which gloo does as well.
+    sharing = WORLD > torch.cuda.device_count()
+    dist.init_process_group("gloo" if sharing else "nccl", device_id=None if sharing else DEV)
     suite = sys.argv[1]
     try:
         count = globals()[f"suite_{suite}"]()

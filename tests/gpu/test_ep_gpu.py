@@ -13,8 +13,9 @@ from conftest import GPU_COUNT, REPO, free_port
 WORKER = REPO / "tests" / "ep_worker.py"
 
 
-def run_ranks(suite: str, world: int, timeout: int = 900) -> list[str]:
-    if GPU_COUNT < world:
+def run_ranks(suite: str, world: int, timeout: int = 900, share_gpus: bool = False) -> list[str]:
+    """Rank r runs on GPU r % GPU_COUNT: one process per GPU, unless share_gpus."""
+    if GPU_COUNT < (1 if share_gpus else world):
         pytest.skip(f"needs {world} GPUs, found {GPU_COUNT}")
     port = free_port()
     seed = random.randrange(1 << 30)
@@ -43,6 +44,17 @@ def test_dispatch_combine_match_reference(world):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("world", [4, 8])
+def test_members_sharing_gpus(world):
+    """More ranks than GPUs (a group under MPS, say): members on the same GPU reach each
+    other's buffers through IPC; the kernels time-slice without MPS, slow but exact. On a
+    2-GPU machine this runs the 4- and 8-rank kernels through the reference checks."""
+    if world <= GPU_COUNT:
+        pytest.skip(f"{GPU_COUNT} GPUs: every rank has its own")
+    run_ranks("sharing", world, share_gpus=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_thousand_rounds(world):
     run_ranks("rounds", world)
@@ -63,6 +75,11 @@ def test_bad_input_raises_before_launch(world):
 @pytest.mark.gpu
 def test_stuck_peer_names_rank_and_phase():
     run_ranks("timeout", 2)
+
+
+@pytest.mark.gpu
+def test_collective_stuck_peer_times_out():
+    run_ranks("collective_timeout", 2)
 
 
 @pytest.mark.gpu
