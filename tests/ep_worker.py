@@ -125,10 +125,13 @@ def suite_full(kinds: list[str] = KINDS) -> int:
                            num_sms=max(8, WORLD + 1)) as buf:
             for i, kind in enumerate(kinds):
                 data = inputs(kind, E, K, H, dtype, 256, SEED + 1000 * n + i)
-                check_round(buf, data, E, H, dtype)
-                check_round(buf, data, E, H, dtype, stream=side)             # non-default stream
-                check_round(buf, data, E, H, dtype, capacity=WORLD * 256)    # non-blocking mode
-                n += 3
+                for mode in ("default", "side stream", "non-blocking"):  # the failing case names itself
+                    try:
+                        check_round(buf, data, E, H, dtype, stream=side if mode == "side stream" else None,
+                                    capacity=WORLD * 256 if mode == "non-blocking" else None)
+                    except AssertionError as e:
+                        raise AssertionError(f"H={H} E={E} K={K} {dtype} {kind} routing, {mode}: {e}") from None
+                    n += 1
     return n
 
 
