@@ -235,12 +235,11 @@ struct PeerChunks {
 // ---- fp32 sum of bf16 rows ----------------------------------------------------
 // A warp writes dst = sum of the rows in `from` (nullptr = absent), accumulated in fp32
 // in rank order, so the result does not depend on scheduling. Several vectors per lane
-// per step keep about sixteen 16-byte loads in flight (with eight, combine took 40 us
-// longer on 4 x H200).
+// per step keep about eight 16-byte loads in flight.
 template <int kVecs, int NUM_RANKS>
 __device__ __forceinline__ void warp_sum_rows(int4* __restrict__ dst, const int4* const (&from)[NUM_RANKS],
                                               int lane) {
-    constexpr int kU = NUM_RANKS >= 16 ? 1 : 16 / NUM_RANKS;
+    constexpr int kU = NUM_RANKS >= 8 ? 1 : 8 / NUM_RANKS;
     for (int v0 = lane; v0 < kVecs; v0 += kWarpSize * kU) {
         int4 raw[kU][NUM_RANKS];
 #pragma unroll
