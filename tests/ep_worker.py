@@ -9,6 +9,7 @@ reference of what it must receive without communication. Prints "OK <suite> <n c
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import time
@@ -130,7 +131,9 @@ def suite_full(kinds: list[str] = KINDS) -> int:
                         check_round(buf, data, E, H, dtype, stream=side if mode == "side stream" else None,
                                     capacity=WORLD * 256 if mode == "non-blocking" else None)
                     except AssertionError as e:
-                        raise AssertionError(f"H={H} E={E} K={K} {dtype} {kind} routing, {mode}: {e}") from None
+                        # printed now: leaving the `with` waits for the peers, which may be elsewhere
+                        print(f"FAILED H={H} E={E} K={K} {dtype} {kind} routing, {mode}: {e}", flush=True)
+                        raise
                     n += 1
     return n
 
@@ -387,6 +390,8 @@ def _cupy_bf16():
 
 
 if __name__ == "__main__":
+    # a rank stuck past the harness's patience prints where every thread is, then exits
+    faulthandler.dump_traceback_later(int(os.environ.get("EP_TEST_HANG_S", "840")), exit=True)
     torch.cuda.set_device(DEV)
     # NCCL refuses two ranks on one GPU; ep_jit's NVLink transport needs the group only
     # for its object all-gather, which gloo does as well.

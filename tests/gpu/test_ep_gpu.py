@@ -20,17 +20,19 @@ def run_ranks(suite: str, world: int, timeout: int = 900, share_gpus: bool = Fal
     port = free_port()
     seed = random.randrange(1 << 30)
     env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "EP_TEST_SEED": str(seed)}
+           "MASTER_PORT": str(port), "EP_TEST_SEED": str(seed), "EP_TEST_HANG_S": str(timeout - 60)}
     procs = [subprocess.Popen([sys.executable, str(WORKER), suite], env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     outs = []
-    for p in procs:
+    for r, p in enumerate(procs):
         try:
             out, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise
+            late = [q.communicate()[0] for q in procs[r:]]
+            pytest.fail(f"suite {suite} (seed {seed}) did not finish within {timeout} s; the ranks' output:\n" +
+                        "\n".join(f"--- rank {i}\n{o[-3000:]}" for i, o in enumerate(outs + late)))
         outs.append(out)
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"OK {suite}" in out, f"rank {r} (seed {seed}):\n{out[-4000:]}"
