@@ -30,7 +30,12 @@ class SymLayout(ctypes.Structure):
 
     _fields_ = [("flags", ctypes.c_int64), ("counts", ctypes.c_int64), ("send_index", ctypes.c_int64),
                 ("stage_x", ctypes.c_int64), ("stage_scales", ctypes.c_int64), ("stage_idx", ctypes.c_int64),
-                ("stage_weights", ctypes.c_int64), ("combine", ctypes.c_int64), ("max_tokens", ctypes.c_int32)]
+                ("stage_weights", ctypes.c_int64), ("combine", ctypes.c_int64), ("combine_ready", ctypes.c_int64),
+                ("max_tokens", ctypes.c_int32)]
+
+
+COMBINE_CHUNK_ROWS = 8  # kCombineChunkRows: combine flags its pushes per this many rows
+NUM_FLAG_KINDS = 4      # kNumFlagKinds: flag words per peer in the symmetric buffer
 
 
 class Status(ctypes.Structure):
@@ -55,8 +60,7 @@ SIGNATURES: dict[str, tuple[tuple[type, ...], ...]] = {
     "dispatch": ((P, P, P, P, c_int, P, P, P, P, P, SymLayout, c_int, P, c_int, c_uint64, Status, P, P, P,
                   P),                                                                 # send
                  (P, P, P, P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P)),  # pull
-    "combine": ((P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P),          # push
-                (P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status, P)),         # reduce
+    "combine": ((P, c_int, P, P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status, P),),
     "collective": ((P, c_int, P, P, P, P, c_int),                                     # count
                    (P, P, P, P, P, c_int, P, P, P),                                   # pack
                    (P, c_int, P, P, P),                                               # unpack

@@ -31,7 +31,7 @@ TEMPLATES: dict[str, Template] = {
     for t in (
         Template("layout", "layout.cu", ("layout_kernel",)),
         Template("dispatch", "dispatch.cu", ("send_kernel", "pull_kernel")),
-        Template("combine", "combine.cu", ("push_kernel", "reduce_kernel")),
+        Template("combine", "combine.cu", ("combine_kernel",)),
         Template("collective", "collective.cu", ("count_kernel", "pack_kernel", "unpack_kernel", "sum_kernel")),
     )
 }

@@ -13,11 +13,10 @@ from typing import Any, Callable
 from cuda.bindings import driver
 
 from .group import GroupInfo
-from .kernels import SymLayout
+from .kernels import COMBINE_CHUNK_ROWS, NUM_FLAG_KINDS, SymLayout
 from .runtime import check, quiesce, use_device
 from .topology import Endpoint, local_endpoint, verify_nvlink_domain
 
-NUM_FLAG_KINDS = 5
 ALIGN = 256
 
 
@@ -33,6 +32,7 @@ def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max
         ("stage_idx", max_tokens * topk * 8),
         ("stage_weights", max_tokens * topk * 4),
         ("combine", num_ranks * max_tokens * hidden * 2),
+        ("combine_ready", num_ranks * -(-max_tokens // COMBINE_CHUNK_ROWS) * 8),
     ]
     layout, offset = SymLayout(), 0
     for name, size in sizes:

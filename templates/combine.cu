@@ -1,77 +1,119 @@
-// Combine: expert ranks push their outputs back over NVLink, then each source
-// rank reduces the rows of every token in fp32, in rank order (deterministic).
+// Combine: expert ranks push their outputs back over NVLink while each source rank
+// reduces the rows of every token in fp32, in rank order (deterministic), as they arrive.
 //
-// push_kernel    on expert rank r: output row j came from source s at slot
-//                j - offset[s]; it is written to s's buffer at combine[r][slot],
-//                with 16-byte stores. Waits first until every source has reduced
-//                the previous combine.
-// reduce_kernel  on source s: out[t] = sum over r with token_slot[t, r] >= 0 of
-//                combine[r][token_slot[t, r]], accumulated in fp32.
+// combine_kernel  every block has kPushWarps pushing warps and the rest reducing.
+//   push    on expert rank r: output row j came from source s at slot j - offset[s]; it
+//           is written to s's buffer at combine[r][slot] with 16-byte stores, in chunks of
+//           kCombineChunkRows rows, each flagged in s's combine_ready when in place. Waits
+//           first until every source has reduced the previous combine.
+//   reduce  on source s: out[t] = sum over r with token_slot[t, r] >= 0 of
+//           combine[r][token_slot[t, r]], accumulated in fp32, once the chunks holding
+//           those rows are flagged. Warps take tokens in order from a queue, so the reduce
+//           follows the pushes closely; pushing warps join it when their chunks are done.
 #include "ep_common.cuh"
 
 namespace ep_jit {
 
 constexpr int kCombineThreads = 512;
+constexpr int kPushWarps = 12;       // of the block's 16; the pushes are bound by NVLink, not by warps
+constexpr int kTokensPerTake = 4;    // tokens a reducing warp takes from the queue at once
 using bf16 = __nv_bfloat16;
 
-template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kCombineThreads)
-push_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ recv_offsets,
-            const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs,
-            uint64_t timeout_ns, Status st, int* counter) {
+template <int NUM_RANKS>
+__device__ __forceinline__ uint64_t* chunk_flag(uint64_t base, const SymLayout& L, int peer, int chunk) {
+    const int per_peer = (L.max_tokens + kCombineChunkRows - 1) / kCombineChunkRows;
+    return sym_ptr<uint64_t>(base, L.combine_ready) + static_cast<int64_t>(peer) * per_peer + chunk;
+}
+
+// Push this warp's share of the rows: every chunk that holds slots of its source gets its
+// flag, also when the rows are past `total` (dropped by a too-small capacity), so no
+// reducing warp waits for a chunk that never comes.
+template <int HIDDEN, int NUM_RANKS>
+__device__ __forceinline__ void push_rows(const bf16* __restrict__ y, const int* offsets, int total,
+                                          const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
+                                          uint64_t want, int warp, int num_warps, int lane) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
-    __shared__ int offsets[NUM_RANKS + 1];
-    if (failed(st)) return;
-    const int prev_seq = seqs->combine, seq = prev_seq + 1;
-    if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(peers[rank], L, kCombineConsumed, make_flag(TAG, prev_seq),
-                                                     timeout_ns, st, kPhaseCombinePush))
-        return;
-    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
-    __syncthreads();
-    const int total = min(offsets[NUM_RANKS], num_rows);
-    const int lane = threadIdx.x % kWarpSize;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
-    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
-    const PeerChunks<NUM_RANKS> chunks(offsets, total, rank);  // spread the pushes over every peer's link
+    const PeerChunks<NUM_RANKS, kCombineChunkRows> chunks(offsets, total, rank);
     for (int c = warp; c < chunks.count; c += num_warps) {
         const int dst = chunks.peer(c), begin = chunks.begin(c), end = chunks.end(c);
-        for (int j = begin; j < end; ++j) {
-            int4* to = sym_ptr<int4>(peers[dst], L.combine) +
-                       (static_cast<int64_t>(rank) * L.max_tokens + (j - offsets[dst])) * kVecs;
+        if (begin >= offsets[dst + 1]) continue;
+        int4* to = sym_ptr<int4>(peers[dst], L.combine) +
+                   (static_cast<int64_t>(rank) * L.max_tokens + (begin - offsets[dst])) * kVecs;
+        for (int j = begin; j < end; ++j, to += kVecs)
             warp_copy(to, reinterpret_cast<const int4*>(y) + static_cast<int64_t>(j) * kVecs, kVecs, lane);
+        __threadfence_system();  // every lane fences its own stores before lane 0 flags the chunk
+        __syncwarp();
+        if (lane == 0) st_release_sys(chunk_flag<NUM_RANKS>(peers[dst], L, rank, c / NUM_RANKS), want);
+    }
+}
+
+// Reduce tokens taken from the queue until it is empty; false if a wait failed.
+template <int HIDDEN, int NUM_RANKS>
+__device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, const int* __restrict__ token_slot,
+                                              int num_tokens, uint64_t my_base, const SymLayout& L, int* queue,
+                                              uint64_t want, uint64_t timeout_ns, const Status& st, int lane) {
+    constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
+    constexpr int kPerLane = (NUM_RANKS + kWarpSize - 1) / kWarpSize;
+    const int4* rows = sym_ptr<const int4>(my_base, L.combine);
+    int seen[kPerLane];  // lane l: the last chunk of peer l + i * 32 found in place
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) seen[i] = -1;
+    for (;;) {
+        int first = lane == 0 ? atomicAdd(queue, kTokensPerTake) : 0;
+        first = __shfl_sync(0xffffffffu, first, 0);
+        if (first >= num_tokens) return true;
+        for (int t = first; t < min(first + kTokensPerTake, num_tokens); ++t) {
+            const int* slots = token_slot + static_cast<int64_t>(t) * NUM_RANKS;
+            bool arrived = true, waited = false;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                const int r = lane + i * kWarpSize;
+                const int slot = r < NUM_RANKS ? slots[r] : -1;
+                if (slot >= 0 && slot / kCombineChunkRows != seen[i]) {
+                    arrived = arrived && wait_flag(chunk_flag<NUM_RANKS>(my_base, L, r, slot / kCombineChunkRows),
+                                                   want, timeout_ns, st, kPhaseCombineReduce, r);
+                    seen[i] = slot / kCombineChunkRows;
+                    waited = true;
+                }
+            }
+            if (!__all_sync(0xffffffffu, arrived)) return false;
+            // after a new chunk, every lane fences, so none reads its rows before the flag
+            if (__any_sync(0xffffffffu, waited)) asm volatile("fence.acq_rel.sys;" ::: "memory");
+            const int4* from[NUM_RANKS];
+#pragma unroll
+            for (int r = 0; r < NUM_RANKS; ++r) {
+                const int slot = slots[r];
+                from[r] = slot < 0 ? nullptr : rows + (static_cast<int64_t>(r) * L.max_tokens + slot) * kVecs;
+            }
+            warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from,
+                                            lane);
         }
     }
-    // the combine is recorded done by the reduce kernel, which ends it
-    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kCombinePushed, rank, make_flag(TAG, seq), nullptr, 0);
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kCombineThreads)
-reduce_kernel(bf16* __restrict__ out, const int* __restrict__ token_slot, int num_tokens,
-              const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, uint64_t timeout_ns,
-              Status st, int* counter) {
-    constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
+combine_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ recv_offsets,
+               bf16* __restrict__ out, const int* __restrict__ token_slot, int num_tokens,
+               const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, uint64_t timeout_ns,
+               Status st, int* counters) {
+    __shared__ int offsets[NUM_RANKS + 1];
     if (failed(st)) return;
     const int seq = seqs->combine + 1;
-    const uint64_t my_base = peers[rank];
-    if (!block_wait_all<NUM_RANKS>(my_base, L, kCombinePushed, make_flag(TAG, seq), timeout_ns, st,
-                                   kPhaseCombineReduce))
+    const uint64_t want = make_flag(TAG, seq);
+    if (seq > 1 && !block_wait_all<NUM_RANKS>(peers[rank], L, kCombineConsumed, make_flag(TAG, seq - 1),
+                                              timeout_ns, st, kPhaseCombinePush))
         return;
-    const int4* rows = sym_ptr<const int4>(my_base, L.combine);
-    const int lane = threadIdx.x % kWarpSize;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
-    const int num_warps = gridDim.x * blockDim.x / kWarpSize;
-    for (int t = warp; t < num_tokens; t += num_warps) {
-        const int4* from[NUM_RANKS];
-#pragma unroll
-        for (int r = 0; r < NUM_RANKS; ++r) {
-            const int slot = token_slot[static_cast<int64_t>(t) * NUM_RANKS + r];
-            from[r] = slot < 0 ? nullptr : rows + (static_cast<int64_t>(r) * L.max_tokens + slot) * kVecs;
-        }
-        warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from, lane);
-    }
-    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kCombineConsumed, rank, make_flag(TAG, seq),
-                              &seqs->combine, seq);
+    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
+    __syncthreads();
+    const int lane = threadIdx.x % kWarpSize, warp_in_block = threadIdx.x / kWarpSize;
+    if (warp_in_block < kPushWarps)
+        push_rows<HIDDEN, NUM_RANKS>(y, offsets, min(offsets[NUM_RANKS], num_rows), peers, L, rank, want,
+                                     blockIdx.x * kPushWarps + warp_in_block, gridDim.x * kPushWarps, lane);
+    reduce_tokens<HIDDEN, NUM_RANKS>(out, token_slot, num_tokens, peers[rank], L, &counters[1], want, timeout_ns,
+                                     st, lane);
+    grid_done_post<NUM_RANKS>(&counters[0], gridDim.x, peers, L, kCombineConsumed, rank, want, &seqs->combine,
+                              seq, &counters[1]);
 }
 
 }  // namespace ep_jit

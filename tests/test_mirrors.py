@@ -6,7 +6,7 @@ import ctypes
 from cuda.bindings import nvrtc
 
 from ep_jit.compiler import cuda_include_dirs, template_dir
-from ep_jit.kernels import SIGNATURES, Mailbox, Status, SymLayout, meta_row_bytes
+from ep_jit.kernels import COMBINE_CHUNK_ROWS, NUM_FLAG_KINDS, SIGNATURES, Mailbox, Status, SymLayout, meta_row_bytes
 from ep_jit.spec import DTYPES, TEMPLATES
 
 
@@ -36,9 +36,11 @@ def _asserts(cpp: str, mirror: type, size: int | None = None) -> list[str]:
     return out
 
 
-def test_structs_match_their_ctypes_mirrors():
+def test_structs_and_constants_match_their_mirrors():
     checks = [*_asserts("ep_jit::SymLayout", SymLayout), *_asserts("ep_jit::Status", Status),
-              *_asserts("ep_jit::Mailbox", Mailbox, size=Mailbox.status.offset)]
+              *_asserts("ep_jit::Mailbox", Mailbox, size=Mailbox.status.offset),
+              f"static_assert(ep_jit::kCombineChunkRows == {COMBINE_CHUNK_ROWS}, \"kCombineChunkRows\");",
+              f"static_assert(ep_jit::kNumFlagKinds == {NUM_FLAG_KINDS}, \"kNumFlagKinds\");"]
     ok, log = _compile('#include "dispatch.cu"\n' + "\n".join(checks) + "\n")
     assert ok, log
 

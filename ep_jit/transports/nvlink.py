@@ -44,7 +44,8 @@ class NVLinkTransport:
                                         max_tokens=max_tokens, elem_size=1 if dtype == "fp8_e4m3" else 2)
         self._gather = gather
         self.sym = SymmetricBuffer(group, size, device, gather)
-        # block counters [8] (pull, push, reduce, layout, staging), status [4], sequences [2] + pad,
+        # block counters [8] (pull, combine, combine's token queue, layout, staging), status [4],
+        # sequences [2] + pad,
         # tokens per rank, tokens per expert
         ws_bytes = 4 * (16 + R + num_experts)
         self._workspace = check(driver.cuMemAlloc(ws_bytes), "cuMemAlloc(workspace)")
@@ -162,11 +163,9 @@ class NVLinkTransport:
         out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
         p, s = op.adapter.pointer, op.stream
         L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
-        push, reduce = self.modules["combine"][0], self.modules["combine"][1]
-        push.launch(self.num_sms, COPY_THREADS, s, p(y), rows, p(handle.recv_offsets), peers, L, rank, self._seqs,
-                    timeout, status, self._counters + 4)
-        reduce.launch(self.num_sms, COPY_THREADS, s, p(out), p(handle.token_slot), handle.num_tokens, peers, L, rank,
-                      self._seqs, timeout, status, self._counters + 8)
+        self.modules["combine"][0].launch(self.num_sms, COPY_THREADS, s, p(y), rows, p(handle.recv_offsets), p(out),
+                                          p(handle.token_slot), handle.num_tokens, peers, L, rank, self._seqs,
+                                          timeout, status, self._counters + 4)
         return out, [out]
 
     # ---- teardown ---------------------------------------------------------------
