@@ -20,6 +20,10 @@
 //               bad ids): nothing is copied, the stage is released.
 // A source whose top-k ids were out of range (found by the layout) says so in its counts
 // row, so every rank learns it in the exchange and can raise before any token moves.
+// Why the receiver pulls instead of the sender pushing: rows then land once, directly in
+// the caller's exact-size outputs, which exist only after the count exchange; a push
+// would land in the receiver's symmetric buffer and need a second, local copy (or
+// outputs of worst-case size). Combine pushes, into a buffer its reduce reads anyway.
 #include "layout.cuh"
 
 namespace ep_jit {
