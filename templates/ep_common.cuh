@@ -18,11 +18,6 @@ constexpr int kScaleBlock = 128;  // fp8 rows carry one fp32 scale per 128 eleme
 
 // ---- 16-byte vectors -------------------------------------------------------
 
-template <typename T>
-struct VecTraits {
-    static constexpr int kPerVec = 16 / sizeof(T);  // elements per int4
-};
-
 // Streaming load of read-once data: skip L1 so it does not evict what is reused.
 __device__ __forceinline__ int4 ld_stream(const int4* p) {
     int4 v;
@@ -69,16 +64,6 @@ __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
 __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
     uint64_t v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_relaxed_sys(int* p, int v) {
-    asm volatile("st.relaxed.sys.global.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ int ld_relaxed_sys(const int* p) {
-    int v;
-    asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 

@@ -10,6 +10,11 @@ import sys
 from typing import Any, Callable, Protocol, Sequence
 
 
+# dtype names as numpy-style libraries spell them (cupy with ml_dtypes, paddle) -> ep_jit's names
+DTYPE_NAMES = {"bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3", "float32": "float32", "int64": "int64",
+               "int32": "int32", "bool": "bool", "uint8": "uint8"}
+
+
 class Adapter(Protocol):
     name: str
 

@@ -6,9 +6,9 @@ from typing import Any, Sequence
 
 import cupy
 
-_NAMES = {"bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3", "float32": "float32", "int64": "int64",
-          "int32": "int32", "bool": "bool", "uint8": "uint8"}
-_NUMPY = {v: k for k, v in _NAMES.items()}
+from . import DTYPE_NAMES
+
+_NUMPY = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 class CupyAdapter:
@@ -21,7 +21,7 @@ class CupyAdapter:
         return tuple(t.shape)
 
     def dtype(self, t: cupy.ndarray) -> str:
-        return _NAMES.get(t.dtype.name, t.dtype.name)
+        return DTYPE_NAMES.get(t.dtype.name, t.dtype.name)
 
     def device(self, t: cupy.ndarray) -> int:
         return t.device.id

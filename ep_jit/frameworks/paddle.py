@@ -6,9 +6,9 @@ from typing import Any, Sequence
 
 import paddle
 
-_NAMES = {"bfloat16": "bf16", "float8_e4m3fn": "fp8_e4m3", "float32": "float32", "int64": "int64",
-          "int32": "int32", "bool": "bool", "uint8": "uint8"}
-_PADDLE = {v: k for k, v in _NAMES.items()}
+from . import DTYPE_NAMES
+
+_PADDLE = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -40,7 +40,7 @@ class PaddleAdapter:
     def dtype(self, t: paddle.Tensor) -> str:
         name = _dtype_name(t.dtype).lower()  # paddle.bfloat16 (3.x) or VarType.BF16 (2.6)
         name = {"bf16": "bfloat16", "fp32": "float32", "bool_": "bool"}.get(name, name)
-        return _NAMES.get(name, name)
+        return DTYPE_NAMES.get(name, name)
 
     def device(self, t: paddle.Tensor) -> int:
         place = t.place

@@ -44,9 +44,9 @@ class NVLinkTransport:
                                         max_tokens=max_tokens, elem_size=1 if dtype == "fp8_e4m3" else 2)
         self._gather = gather
         self.sym = SymmetricBuffer(group, size, device, gather)
-        # block counters [8] (pull, combine, combine's token queue, layout, staging), status [4],
-        # sequences [2] + pad,
-        # tokens per rank, tokens per expert
+        # int32 words: [0, 8) block counters (pull, combine, combine's token queue, layout,
+        # staging), [8, 12) status, [12, 14) sequences, [14, 16) padding, then tokens per rank [R]
+        # and per expert [E]
         ws_bytes = 4 * (16 + R + num_experts)
         self._workspace = check(driver.cuMemAlloc(ws_bytes), "cuMemAlloc(workspace)")
         check(driver.cuMemsetD8(self._workspace, 0, ws_bytes), "cuMemsetD8(workspace)")
