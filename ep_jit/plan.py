@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from .config import check_arch
 from .group import GroupInfo
-from .kernels import buffer_specs
+from .transports import buffer_specs
 from .spec import KernelSpec, canonical_dtype
 
 

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from cuda.bindings import driver
 
 from .group import GroupInfo
-from .kernels import COMBINE_CHUNK_ROWS, COMBINE_CONSUMED, NUM_FLAG_KINDS, STAGE_CONSUMED, SymLayout
+from .kernels.args import SymLayout
+from .kernels.constants import COMBINE_CHUNK_ROWS, COMBINE_CONSUMED, NUM_FLAG_KINDS, SCALE_BLOCK, STAGE_CONSUMED
 from .runtime import check, quiesce, setup_stream, use_device
 from .topology import Endpoint, local_endpoint, verify_nvlink_domain
 
@@ -32,7 +33,7 @@ def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max
         ("counts", num_ranks * (2 + num_experts // num_ranks) * 4),
         ("send_index", num_ranks * max_tokens * 4),
         ("stage_x", max_tokens * hidden * elem_size),
-        ("stage_scales", max_tokens * (hidden // 128) * 4 if elem_size == 1 else 0),
+        ("stage_scales", max_tokens * (hidden // SCALE_BLOCK) * 4 if elem_size == 1 else 0),
         ("stage_idx", max_tokens * topk * 8),
         ("stage_weights", max_tokens * topk * 4),
         ("combine", num_ranks * max_tokens * hidden * 2),

@@ -16,7 +16,6 @@
 
 namespace ep_jit {
 
-constexpr int kCombineThreads = 512;
 constexpr int kPushWarps = 12;       // of the block's 16; the pushes are bound by NVLink, not by warps
 constexpr int kTokensPerTake = 4;    // tokens a reducing warp takes from the queue at once
 using bf16 = __nv_bfloat16;
@@ -105,28 +104,31 @@ __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, const int*
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kCombineThreads)
-combine_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ recv_offsets,
-               bf16* __restrict__ out, const int* __restrict__ token_slot, int num_tokens,
-               const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, uint64_t timeout_ns,
-               Status st, int* counters /* [0] blocks done, [1] the reduce's token queue */) {
+__global__ void __launch_bounds__(kCopyThreads) combine_kernel(const __grid_constant__ CombineArgs a) {
     __shared__ int offsets[NUM_RANKS + 1];
+    const SymLayout& L = a.peers.layout;
+    const uint64_t* peers = a.peers.bases;
+    const int rank = a.peers.rank;
+    const uint64_t timeout_ns = a.peers.timeout_ns;
+    Workspace* ws = a.peers.ws;
+    const Status st = status_of(a.peers);
     if (failed(st)) return;
-    const uint32_t seq = seqs->combine + 1;
+    const uint32_t seq = ws->seqs.combine + 1;
     const uint64_t id = flag_identity(TAG, L.nonce), want = make_flag(id, seq);
     if (!block_wait_all<NUM_RANKS>(peers[rank], L, kCombineConsumed, make_flag(id, seq - 1), timeout_ns, st,
                                    kPhaseCombinePush))
         return;
-    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
+    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = a.recv_offsets[threadIdx.x];
     __syncthreads();
     const int lane = threadIdx.x % kWarpSize, warp_in_block = threadIdx.x / kWarpSize;
     if (warp_in_block < kPushWarps)
-        push_rows<HIDDEN, NUM_RANKS>(y, offsets, min(offsets[NUM_RANKS], num_rows), peers, L, rank, want,
-                                     blockIdx.x * kPushWarps + warp_in_block, gridDim.x * kPushWarps, lane);
-    reduce_tokens<HIDDEN, NUM_RANKS>(out, token_slot, num_tokens, peers[rank], L, &counters[1], want, timeout_ns,
-                                     st, lane);
-    if (!last_block_arrives(&counters[0], gridDim.x)) return;
-    counters[1] = 0;
+        push_rows<HIDDEN, NUM_RANKS>(static_cast<const bf16*>(a.y), offsets, min(offsets[NUM_RANKS], a.num_rows),
+                                     peers, L, rank, want, blockIdx.x * kPushWarps + warp_in_block,
+                                     gridDim.x * kPushWarps, lane);
+    reduce_tokens<HIDDEN, NUM_RANKS>(static_cast<bf16*>(a.out), a.token_slot, a.num_tokens, peers[rank], L,
+                                     &ws->combine_queue, want, timeout_ns, st, lane);
+    if (!last_block_arrives(&ws->combine_done, gridDim.x)) return;
+    ws->combine_queue = 0;
     // every chunk has been acquired by some block, so what the pushers dropped is in place
     int* dropped = sym_ptr<int>(peers[rank], L.combine_dropped);
     int lost = 0;
@@ -135,7 +137,7 @@ combine_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__
         dropped[p] = 0;  // before the flag below: no peer pushes the next combine until then
     }
     if (lost != 0) report(st, 3, lost);
-    if (post_all<NUM_RANKS>(peers, L, kCombineConsumed, rank, want, st)) seqs->combine = seq;
+    if (post_all<NUM_RANKS>(peers, L, kCombineConsumed, rank, want, st)) ws->seqs.combine = seq;
 }
 
 }  // namespace ep_jit

@@ -4,17 +4,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
-#include <cuda/std/cstdint>
+
+#include "ep_args.cuh"
 
 namespace ep_jit {
-
-using cuda::std::int32_t;
-using cuda::std::int64_t;
-using cuda::std::uint32_t;
-using cuda::std::uint64_t;
-
-constexpr int kWarpSize = 32;
-constexpr int kScaleBlock = 128;  // fp8 rows carry one fp32 scale per 128 elements
 
 // ---- 16-byte vectors -------------------------------------------------------
 
@@ -78,17 +71,9 @@ __device__ __forceinline__ uint64_t global_time_ns() {
 
 __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 
-// Status words. Kernels read the device copy (cheap); the first writer of a word also
-// stores it into the host copy (mapped pinned memory), which the host polls. Reading
-// mapped host memory from every warp would serialise on the bus, so kernels never do.
-//   [0] error: 0, or phase << 16 | (peer + 1) when a wait timed out
-//   [1] 1 + flat index of the first top-k id outside [-1, E), else 0
-//   [2] received rows when they exceeded the non-blocking capacity, else 0
-//   [3] rows of this rank's tokens that a peer dropped for its capacity (found by combine)
-struct Status {
-    int* device;
-    int* host;
-};
+// Kernels read the device copy of the status words; reading mapped host memory from every
+// warp would serialise on the bus, so only the first writer of a word also stores it there.
+__device__ __forceinline__ Status status_of(const Peers& p) { return Status{p.ws->status, p.mailbox->status}; }
 
 __device__ __forceinline__ bool failed(const Status& st) { return ld_volatile(st.device) != 0; }
 
@@ -132,50 +117,6 @@ __device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint
 }
 
 // ---- the symmetric buffer ---------------------------------------------------
-// Every rank's buffer has the same layout; the host computes the byte offsets
-// (ep_jit/symmetric.py) and passes them by value.
-
-struct SymLayout {
-    long long flags;         // uint64 [kNumFlagKinds][R]: slot [kind][p] is written by peer p
-    long long counts;        // int [R][2 + E/R]: from source p: tokens for me, per local expert, bad id
-    long long send_index;    // int [R][max_tokens]: for destination r, slot -> my token index
-    long long stage_x;       // T [max_tokens][H]: my tokens, staged for peers to pull
-    long long stage_scales;  // float [max_tokens][H/128] (fp8 only)
-    long long stage_idx;     // int64 [max_tokens][K]
-    long long stage_weights; // float [max_tokens][K]
-    long long combine;       // bf16 [R][max_tokens][H]: rows expert rank p pushed back for my tokens
-    long long combine_ready; // uint64 [R][max_tokens / kCombineChunkRows, rounded up]: [p][k] says rows
-                             // [k, k + 1) * kCombineChunkRows of p's pushes to me are in place (combine seq)
-    long long combine_dropped; // int [R]: [p] = rows of my tokens that p dropped for its capacity, this combine
-    int max_tokens;
-    uint32_t nonce;          // this Buffer's, agreed by every member at set-up; part of every flag
-};
-
-// Combine pushes rows in chunks of this many and flags each chunk, so the reduce can
-// start on the first tokens while later ones are still on their way.
-constexpr int kCombineChunkRows = 8;
-
-enum FlagKind : int {
-    kCountsReady = 0,     // p has staged its tokens and sent me its counts (dispatch seq)
-    kStageConsumed = 1,   // p has pulled everything it needs from my stage (dispatch seq)
-    kCombineConsumed = 2, // p has reduced what I pushed to it (combine seq)
-    kStageReady = 3,      // p has staged its tokens for this dispatch (dispatch seq)
-    kNumFlagKinds = 4,
-};
-
-// Sequence numbers live on the device, so a captured CUDA graph replays with fresh
-// ones: an operation uses last + 1 and its final kernel stores it back when done.
-// Dispatches and combines count separately (their flags are separate kinds). At set-up
-// every rank posts "consumed" for sequence 0 into its own slots, so the first round
-// waits like every other.
-struct Sequences {
-    uint32_t dispatch;  // last completed dispatch
-    uint32_t combine;   // last completed combine
-};
-
-enum Phase : int {
-    kPhaseStage = 1, kPhaseNotify = 2, kPhaseCombinePush = 3, kPhaseCombineReduce = 4, kPhasePull = 5
-};
 
 template <typename U>
 __device__ __forceinline__ U* sym_ptr(uint64_t base, long long offset) {

@@ -5,7 +5,7 @@ import threading
 import time
 
 from ep_jit.symmetric import flag_word
-from ep_jit.transports import bad_topk_message, next_ticket, wait_for_ticket
+from ep_jit.transports.base import bad_topk_message, next_ticket, wait_for_ticket
 
 
 def test_wait_for_ticket_sees_a_late_write_and_gives_up_past_its_deadline():
