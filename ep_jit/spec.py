@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from .config import check_arch
 from .group import group_tag
+from .toolchain import check_arch
 
 # dtype name -> C++ element type
 DTYPES: dict[str, str] = {"bf16": "__nv_bfloat16", "fp8_e4m3": "__nv_fp8_e4m3"}
@@ -37,6 +37,11 @@ TEMPLATES: dict[str, Template] = {
 }
 
 MAX_TOPK = 32  # the kernels give each top-k entry of a row one lane of a warp
+# The names users see for a spec's fields: the same in ep-jit-warm's flags, plans and
+# dry run and in cache-inspect's list and show.
+FIELD_NAMES: dict[str, str] = {"template": "template", "hidden": "hidden", "num_experts": "experts",
+                               "num_ranks": "ep_size", "topk": "topk", "dtype": "dtype", "member_hash": "group",
+                               "arch": "arch"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -92,6 +97,17 @@ class KernelSpec:
                 f"{DTYPES[self.dtype]}, 0x{group_tag(self.member_hash):016x}ull")
         return tuple(f"ep_jit::{k}<{args}>" for k in TEMPLATES[self.template].kernels)
 
+    def fields(self) -> dict[str, object]:
+        """Every field under the name users see (FIELD_NAMES)."""
+        return shown_fields(asdict(self))
+
     def describe(self) -> str:
-        return (f"{self.template}(hidden={self.hidden}, experts={self.num_experts}, ranks={self.num_ranks}, "
-                f"topk={self.topk}, dtype={self.dtype}, group={self.member_hash[:12]}, arch={self.arch})")
+        fields = {**self.fields(), "group": self.member_hash[:12]}
+        template = fields.pop("template")
+        return f"{template}({', '.join(f'{k}={v}' for k, v in fields.items())})"
+
+
+def shown_fields(spec_fields: dict) -> dict:
+    """A spec's fields (KernelSpec names, as entry headers record them) under the names users
+    see, in KernelSpec's order."""
+    return {FIELD_NAMES[k]: spec_fields[k] for k in FIELD_NAMES if k in spec_fields}
