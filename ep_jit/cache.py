@@ -199,6 +199,7 @@ class DiskCache:
         self.entries_dir = self.root / f"v{FORMAT_VERSION}"
         self.quarantine_dir = self.root / "quarantine"
         self._checked = False
+        self._left_corrupt: set[str] = set()  # keys whose corrupt entry could not be moved (warned once)
 
     # ---- safety -----------------------------------------------------------
 
@@ -308,8 +309,10 @@ class DiskCache:
             try:
                 self.quarantine(path)
             except CacheWriteError as why:
-                log.warning("cache entry %s is corrupt (%s) and could not be quarantined (%s); it will be rebuilt",
-                            path.name, exc, why)
+                if key not in self._left_corrupt:
+                    self._left_corrupt.add(key)
+                    log.warning("cache entry %s is corrupt (%s) and could not be quarantined (%s); it will be "
+                                "rebuilt", path.name, exc, why)
             else:
                 log.warning("cache entry %s is corrupt (%s); quarantined, it will be rebuilt", path.name, exc)
             return None
