@@ -187,10 +187,18 @@ def test_plan_that_is_not_utf8_or_not_a_file_exits_2(cache_env, tmp_path):
 # ---- cache-inspect ------------------------------------------------------------
 
 @pytest.fixture
-def warmed(cache_env):
-    out = warm("--preset", "deepseek-v3", "--json")
-    assert out.returncode == 0, out.stderr
+def warmed(cache_env, deepseek_cache):
+    """A cache holding the DeepSeek-V3 preset's kernels (a copy: each test may change it)."""
+    shutil.copytree(deepseek_cache, cache_env)
     return cache_env
+
+
+@pytest.fixture(scope="module")
+def deepseek_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek") / "cache"
+    out = warm("--preset", "deepseek-v3", "--json", env={"EP_JIT_CACHE_DIR": str(root)})
+    assert out.returncode == 0, out.stderr
+    return root
 
 
 def test_inspect_list_show_stats(warmed):
