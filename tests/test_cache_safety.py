@@ -11,6 +11,7 @@ import tracemalloc
 
 import pytest
 
+from conftest import run_cli
 from ep_jit import ConfigError, get_kernel
 from ep_jit.cache import DiskCache, encode_entry
 from ep_jit.jit import clear_memory_cache, resolve, spec_key
@@ -186,6 +187,9 @@ def test_lock_folder_that_is_not_this_users_is_refused(cache_env, tmp_path, monk
                 pytest.skip("giving a folder away needs root")
     with pytest.raises(ConfigError, match="EP_JIT_LOCK_DIR: expected a folder of uid"):
         resolve(layout_spec())
+    out = run_cli("ep_jit.cli.warm", "--preset", "tiny")
+    assert out.returncode == 2 and "EP_JIT_LOCK_DIR: expected a folder of uid" in out.stderr
+    assert not cache_env.exists()
 
 
 def test_planted_lock_symlink_is_a_clear_error(cache_env, tmp_path, outside):

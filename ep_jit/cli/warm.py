@@ -21,7 +21,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from .. import config
-from ..cache import DiskCache
+from ..cache import DiskCache, private_lock_folder
 from ..errors import ConfigError, EPJitError
 from ..jit import lookup, remembered_failure, resolve, spec_key
 from ..plan import PRESETS, Job, Origin, PlanError, job_from_table, load_plan, unique_specs
@@ -176,6 +176,8 @@ def _main(argv: list[str] | None) -> int:
         cache = DiskCache(config.check_folder(args.cache_dir, "--cache-dir") if args.cache_dir else None)
         cache.check_root()
         specs = unique_specs(plan_jobs(args))
+        if not args.dry_run:
+            private_lock_folder()  # refused here rather than by every compile
     except (PlanError, ConfigError) as exc:
         parser.error(str(exc))
     if args.dry_run:
