@@ -1,50 +1,52 @@
-"""cache-inspect {list,show,verify,prune,stats} [--cache-dir DIR] [--json]
-
-Exit status: 0 on success, 1 when `verify` finds a corrupt entry, 2 on bad arguments
-(one line on stderr, nothing written).
-"""
+"""cache-inspect: list, show, verify, prune and count the ep_jit kernel cache."""
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ep_jit.cache import CorruptEntry, DiskCache, Entry
-from ep_jit.cli import OneLineParser
+from ep_jit import config
+from ep_jit.cache import CacheWriteError, CorruptEntry, DiskCache, Entry, stale_lock_paths
+from ep_jit.cli import OneLineParser, run, table
+from ep_jit.cli.show_config import show as show_config
 from ep_jit.errors import ConfigError
+from ep_jit.spec import shown_fields
+from ep_jit.units import AGE_FORM, SIZE_FORM, format_age, format_size, parse_age, parse_size
 
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)i?B?$", re.IGNORECASE)
-_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
-_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+EPILOG = f"""examples:
+  cache-inspect list --wide
+  cache-inspect show 3fa2c1 --source
+  cache-inspect verify --fix
+  cache-inspect prune --max-size 2G --dry-run
+  cache-inspect prune --older-than 30d
+
+sizes: {SIZE_FORM}; k, M, G, T are powers of 1000, KiB, MiB, GiB, TiB of 1024.
+ages: {AGE_FORM} (s, m, h, d, w); a bare number is refused.
+last use: set when a process loads an entry; cache-inspect never changes it.
+
+exit status:
+  0  success (verify: every entry verifies, or --fix fixed every problem)
+  1  verify found a problem it did not fix; show found a corrupt entry
+  2  bad arguments or EP_JIT_* setting: one line on stderr, nothing changed
+"""
+LIST_COLUMNS = [("key", 10), ("template", 10), ("hidden", -6), ("experts", -7), ("ep_size", -7), ("topk", -4),
+                ("dtype", 8), ("arch", 7), ("size", -8), ("used", -6), ("status", 7)]
+WIDE_COLUMNS = [("key", 64), ("template", 10), ("hidden", -6), ("experts", -7), ("ep_size", -7), ("topk", -4),
+                ("dtype", 8), ("arch", 7), ("group", 64), ("nvrtc", 5), ("size", -8), ("created", 25),
+                ("last_used", 25), ("status", 7)]
 
 
 class UsageError(ValueError):
     pass
 
 
-def parse_size(text: str) -> int:
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise UsageError(f"--max-size: expected bytes like 500M or 2G, got {text!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-
-
-def parse_age(text: str) -> float:
-    m = _AGE.match(text.strip())
-    if not m:
-        raise UsageError(f"--older-than: expected an age like 30d, 12h or 90m, got {text!r}")
-    return float(m.group(1)) * _AGE_UNITS[m.group(2)]
-
-
 @dataclass
 class Row:
-    """One entry file as cache-inspect sees it."""
+    """One entry file (or what stands in its place) as cache-inspect sees it."""
 
     path: Path
     size: int
@@ -61,11 +63,8 @@ class Row:
         if self.entry is None:
             return {**d, "status": "corrupt", "problem": self.problem}
         h = self.entry.header
-        spec = dict(h.get("spec", {}))
-        return {**d, "status": h.get("status"), "template": spec.pop("template", "?"),
-                "group": spec.pop("member_hash", "?"), "arch": spec.pop("arch", "?"), "params": spec,
-                "nvrtc": h.get("nvrtc_version"), "created": h.get("created_at"),
-                "compile_seconds": h.get("compile_seconds")}
+        return {**d, "status": h.get("status"), **shown_fields(h.get("spec", {})), "nvrtc": h.get("nvrtc_version"),
+                "created": h.get("created_at"), "compile_seconds": h.get("compile_seconds")}
 
 
 def _iso(ts: float) -> str:
@@ -73,17 +72,27 @@ def _iso(ts: float) -> str:
 
 
 def scan(cache: DiskCache) -> list[Row]:
+    """Every entry, verified, and whatever stands where a folder of entries belongs.
+    Reading never changes an entry's last use."""
     rows = []
     for path in cache.entry_paths():
         try:
-            st = path.stat()
+            st = path.lstat()
         except FileNotFoundError:  # pruned or quarantined meanwhile
             continue
         try:
-            rows.append(Row(path, st.st_size, st.st_atime, cache.load(path)))
+            rows.append(Row(path, st.st_size, st.st_mtime, cache.load(path)))
         except (CorruptEntry, OSError) as exc:
-            rows.append(Row(path, st.st_size, st.st_atime, None, str(exc)))
+            rows.append(Row(path, st.st_size, st.st_mtime, None, str(exc)))
+    for path in cache.foreign_paths():
+        st = path.lstat()
+        rows.append(Row(path, st.st_size, st.st_mtime, None, "a link or a file where a folder of entries belongs"))
     return rows
+
+
+def _bad_quarantine(cache: DiskCache) -> str | None:
+    bad = cache.not_a_folder(cache.quarantine_dir)
+    return None if bad is None else f"{bad} is a symbolic link or not a folder; the cache never writes through it"
 
 
 def _print(obj, as_json: bool, text: str) -> None:
@@ -91,18 +100,9 @@ def _print(obj, as_json: bool, text: str) -> None:
 
 
 def cmd_list(cache: DiskCache, args) -> int:
-    rows = [r.summary() for r in scan(cache)]
-    lines = [f"{'key':12}  {'template':10}  {'params':64}  {'group':12}  {'arch':7}  {'nvrtc':5}  "
-             f"{'size':>8}  {'created':25}  last used"]
-    for r in rows:
-        if r["status"] == "corrupt":
-            lines.append(f"{r['key'][:12]}  CORRUPT: {r['problem']}")
-            continue
-        params = ",".join(f"{k}={v}" for k, v in r["params"].items())
-        status = "" if r["status"] == "ok" else f"  [{r['status']}]"
-        lines.append(f"{r['key'][:12]}  {r['template']:10}  {params:64}  {r['group'][:12]}  {r['arch']:7}  "
-                     f"{r['nvrtc']:5}  {r['size']:>8}  {r['created']:25}  {r['last_used']}{status}")
-    _print(rows, args.json, "\n".join(lines))
+    rows, now = scan(cache), time.time()
+    shown = [{**r.summary(), "size": format_size(r.size), "used": format_age(now - r.last_used)} for r in rows]
+    _print([r.summary() for r in rows], args.json, table(shown, WIDE_COLUMNS if args.wide else LIST_COLUMNS))
     return 0
 
 
@@ -119,9 +119,11 @@ def cmd_show(cache: DiskCache, args) -> int:
     if args.source:
         obj["source"] = h.get("source")
         obj["headers"] = h.get("headers")
-    text = [f"key            {row.key}", f"status         {h.get('status')}", f"path           {row.path}",
-            f"size           {row.size}", f"created        {h.get('created_at')}", f"last used      {_iso(row.last_used)}",
-            f"compile        {h.get('compile_seconds', 0):.3f} s", "inputs:"]
+    spec = ", ".join(f"{k}={v}" for k, v in shown_fields(h.get("spec", {})).items())
+    text = [f"key            {row.key}", f"status         {h.get('status')}", f"spec           {spec}",
+            f"path           {row.path}", f"size           {format_size(row.size)} ({row.size} bytes)",
+            f"created        {h.get('created_at')}", f"last used      {_iso(row.last_used)}",
+            f"compile        {h.get('compile_seconds', 0):.3f} s", "key inputs (as hashed):"]
     text += [f"  {k:17}{json.dumps(v)}" for k, v in sorted(h.get("inputs", {}).items())]
     text += ["lowered names:"] + [f"  {k} -> {v}" for k, v in h.get("lowered_names", {}).items()]
     text += ["log:", h.get("log") or "  (empty)"]
@@ -135,48 +137,85 @@ def cmd_show(cache: DiskCache, args) -> int:
 def cmd_verify(cache: DiskCache, args) -> int:
     rows = scan(cache)
     bad = [r for r in rows if r.entry is None]
-    moved = []
-    if args.fix:
-        for r in bad:
-            target = cache.quarantine(r.path, r.problem)
-            if target is not None:
-                moved.append(str(target))
+    moved, left = [], [] if args.fix else [{"path": str(r.path), "problem": r.problem} for r in bad]
+    for r in bad if args.fix else []:
+        try:
+            target = cache.quarantine(r.path)
+        except CacheWriteError as exc:
+            left.append({"path": str(r.path), "problem": str(exc)})
+            continue
+        if target is not None:
+            moved.append(str(target))
+    quarantine = _bad_quarantine(cache)
+    left += [{"path": str(cache.quarantine_dir), "problem": quarantine}] if quarantine else []
     obj = {"entries": len(rows), "corrupt": [{"key": r.key, "problem": r.problem} for r in bad],
-           "quarantined": moved}
+           "quarantined": moved, "not_fixed": left}
     text = [f"{r.key[:16]}  CORRUPT: {r.problem}" for r in bad]
+    text += [f"NOT FIXED {p['path']}: {p['problem']}" for p in left if args.fix or p["problem"] == quarantine]
     text.append(f"{len(rows)} entries, {len(bad)} corrupt" + (f", {len(moved)} quarantined" if args.fix else ""))
     _print(obj, args.json, "\n".join(text))
-    return 1 if bad else 0
+    return 1 if left else 0
+
+
+def _doomed(rows: list[Row], args) -> list[Row]:
+    """The entries prune removes: least recently used first."""
+    max_size = _parsed(parse_size, args.max_size, "--max-size")
+    max_age = _parsed(parse_age, args.older_than, "--older-than")
+    rows = sorted(rows, key=lambda r: r.last_used)
+    total, now, doomed = sum(r.size for r in rows), time.time(), []
+    for r in rows:
+        if (args.all or (args.failed and r.entry is not None and r.entry.failed)
+                or (max_age is not None and now - r.last_used > max_age)
+                or (max_size is not None and total > max_size)):
+            doomed.append(r)
+            total -= r.size
+    return doomed
+
+
+def _parsed(parse, text: str | None, flag: str):
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def cmd_prune(cache: DiskCache, args) -> int:
-    if not (args.all or args.max_size is not None or args.older_than is not None):
-        raise UsageError("prune: expected --all, --max-size or --older-than")
-    max_size = parse_size(args.max_size) if args.max_size is not None else None
-    max_age = parse_age(args.older_than) if args.older_than is not None else None
-    rows = sorted(scan(cache), key=lambda r: r.last_used)  # least recently used first
-    total = sum(r.size for r in rows)
-    now = time.time()
-    doomed = []
-    for r in rows:
-        if args.all or (max_age is not None and now - r.last_used > max_age) or (
-                max_size is not None and total > max_size):
-            doomed.append(r)
-            total -= r.size
+    if not (args.all or args.failed or args.max_size is not None or args.older_than is not None):
+        raise UsageError("prune: expected --all, --failed, --max-size or --older-than")
+    rows = scan(cache)
+    doomed = [r.path for r in _doomed(rows, args)]
+    leftovers = cache.stale_temp_paths() + (cache.quarantined_paths() if args.all else [])
+    locks = stale_lock_paths()
+    freed = sum(_size(p) for p in doomed + leftovers + locks)
     if not args.dry_run:
-        for r in doomed:
-            r.path.unlink(missing_ok=True)
-    obj = {"removed": [r.key for r in doomed], "freed_bytes": sum(r.size for r in doomed),
-           "kept": len(rows) - len(doomed), "dry_run": args.dry_run}
+        for path in doomed + leftovers:
+            cache.remove(path)
+        for path in locks:
+            path.unlink(missing_ok=True)
+    obj = {"removed": [p.name.split(".")[0] for p in doomed], "leftovers": [str(p) for p in leftovers + locks],
+           "freed_bytes": freed, "kept": len(rows) - len(doomed), "dry_run": args.dry_run}
     verb = "would remove" if args.dry_run else "removed"
-    _print(obj, args.json, f"{verb} {len(doomed)} entries ({obj['freed_bytes']} bytes); kept {obj['kept']}")
+    _print(obj, args.json, f"{verb} {len(doomed)} entries and {len(leftovers) + len(locks)} left-over files "
+                           f"({format_size(freed)}); kept {obj['kept']}")
     return 0
+
+
+def _size(path: Path) -> int:
+    """Bytes under `path`, not following links."""
+    if path.is_dir() and not path.is_symlink():
+        return sum(_size(p) for p in path.iterdir())
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def cmd_stats(cache: DiskCache, args) -> int:
     rows = scan(cache)
     good = [r for r in rows if r.entry is not None]
-    quarantined = list(cache.quarantine_dir.iterdir()) if cache.quarantine_dir.is_dir() else []
+    temps = list(cache.temp_paths())
     obj = {
         "cache_dir": str(cache.root),
         "entries": len(rows),
@@ -184,48 +223,70 @@ def cmd_stats(cache: DiskCache, args) -> int:
         "ok": sum(1 for r in good if not r.entry.failed),
         "failed_compiles": sum(1 for r in good if r.entry.failed),
         "corrupt": len(rows) - len(good),
-        "quarantined": len(quarantined),
+        "quarantined": len(cache.quarantined_paths()),
+        "temp_files": len(temps),
+        "stale_temp_files": len(cache.stale_temp_paths()),
+        "stale_lock_files": len(stale_lock_paths()),
         "compile_seconds_total": round(sum(r.entry.header.get("compile_seconds", 0) for r in good), 3),
         "by_template": dict(Counter(r.entry.header.get("spec", {}).get("template", "?") for r in good)),
         "by_arch": dict(Counter(r.entry.header.get("spec", {}).get("arch", "?") for r in good)),
         "by_nvrtc": dict(Counter(r.entry.header.get("nvrtc_version", "?") for r in good)),
     }
-    _print(obj, args.json, "\n".join(f"{k:22}{v}" for k, v in obj.items()))
+    totals = [{"what": k.replace("_", " "), "value": format_size(v) if k == "bytes" else v}
+              for k, v in obj.items() if not k.startswith("by_")]
+    text = [table(totals, [("what", 22), ("value", 0)])]
+    for k in ("by_template", "by_arch", "by_nvrtc"):
+        counts = [{k[3:]: name, "entries": n} for name, n in sorted(obj[k].items())]
+        text += ["", table(counts, [(k[3:], 22), ("entries", -7)])]
+    _print(obj, args.json, "\n".join(text))
     return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "prune": cmd_prune, "stats": cmd_stats}
+def cmd_config(cache: DiskCache, args) -> int:
+    return show_config(args.json)
+
+
+COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "prune": cmd_prune, "stats": cmd_stats,
+            "config": cmd_config}
 
 
 def build_parser() -> OneLineParser:
     common = OneLineParser(add_help=False)
     common.add_argument("--cache-dir", type=Path, help="cache root (default: $EP_JIT_CACHE_DIR ...)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    p = OneLineParser(prog="cache-inspect", description="Inspect and maintain the ep_jit kernel cache.")
+    p = OneLineParser(prog="cache-inspect", description="Inspect and maintain the ep_jit kernel cache.",
+                      epilog=EPILOG)
+    p.add_version()
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    sub.add_parser("list", parents=[common], help="one row per entry")
+    listing = sub.add_parser("list", parents=[common], help="one row per entry")
+    listing.add_argument("--wide", action="store_true", help="every column, keys in full (wider than 100)")
     show = sub.add_parser("show", parents=[common], help="everything about one entry")
     show.add_argument("key", metavar="KEY_PREFIX")
     show.add_argument("--source", action="store_true", help="also print the rendered source")
     verify = sub.add_parser("verify", parents=[common], help="check every entry; exit 1 if one is corrupt")
     verify.add_argument("--fix", action="store_true", help="move corrupt entries to quarantine/")
     prune = sub.add_parser("prune", parents=[common], help="remove entries, least recently used first")
-    prune.add_argument("--max-size", help="keep at most this many bytes (500M, 2G)")
+    prune.add_argument("--max-size", help="keep at most this much (500M, 2G, 2GiB)")
     prune.add_argument("--older-than", help="remove entries not used for this long (30d, 12h)")
-    prune.add_argument("--all", action="store_true", help="remove every entry")
+    prune.add_argument("--failed", action="store_true", help="remove remembered compile failures")
+    prune.add_argument("--all", action="store_true", help="remove every entry and empty quarantine/")
     prune.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
-    sub.add_parser("stats", parents=[common], help="totals by template, arch and NVRTC version")
+    sub.add_parser("stats", parents=[common], help="totals, left-over files, counts by template, arch, NVRTC")
+    sub.add_parser("config", parents=[common], help="versions, paths and every EP_JIT_* setting in force")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cache = DiskCache(args.cache_dir)
-        if cache.root.exists() and not cache.root.is_dir():
-            raise UsageError(f"--cache-dir: expected a folder, got the file {cache.root}")
+        config.check_environment()
+        cache = DiskCache(config.check_folder(args.cache_dir, "--cache-dir") if args.cache_dir else None)
         cache.check_root()
         return COMMANDS[args.command](cache, args)
     except (UsageError, ConfigError) as exc:
         parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(lambda: _main(argv))

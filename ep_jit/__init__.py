@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-import os as _os
+import contextlib as _contextlib
 
 from . import config as _config
 from .errors import CompileError, ConfigError, EPJitError, PeerTimeout
@@ -10,8 +10,11 @@ from .group import GroupInfo, member_hash
 from .jit import get_kernel, stats
 from .spec import KernelSpec
 
-if _os.environ.get("EP_JIT_LOG"):
-    _config.configure_logging()
+# Importing never fails on a bad setting: every entry point checks the settings and
+# raises ConfigError (the command-line tools exit 2).
+if _config.raw("EP_JIT_LOG"):
+    with _contextlib.suppress(ConfigError):
+        _config.configure_logging()
 
 
 def __getattr__(name: str):

@@ -8,7 +8,6 @@ through cuda.pathfinder; their versions enter the key, their paths never do.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import time
@@ -16,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cuda.bindings import nvrtc
-from cuda.pathfinder import find_nvidia_header_directory
 
 from . import config
 from .errors import CompileError, ConfigError
 from .kernels.catalogue import TEMPLATES
 from .kernels.constants import shipped_template_dir
 from .spec import KernelSpec
+from .toolchain import check, cuda_header_versions, cuda_include_dirs, nvrtc_version
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 # A fixed seed makes the cubin a function of the inputs alone (symbol names of
@@ -82,45 +81,6 @@ class CompiledProgram:
     seconds: float
 
 
-def _check(result: tuple, what: str) -> tuple:
-    err, *rest = result
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        _, msg = nvrtc.nvrtcGetErrorString(err)
-        raise RuntimeError(f"{what} failed: {msg.decode(errors='replace')}")
-    return tuple(rest)
-
-
-@functools.cache
-def nvrtc_version() -> str:
-    major, minor = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
-    return f"{major}.{minor}"
-
-
-@functools.cache
-def cuda_include_dirs() -> tuple[str, ...]:
-    dirs = []
-    for lib, wheel in (("cudart", "nvidia-cuda-runtime"), ("cccl", "nvidia-cuda-cccl")):
-        found = find_nvidia_header_directory(lib)
-        if found is None:
-            raise ConfigError(f"CUDA headers: expected the {lib} headers (pip install {wheel}), found none")
-        dirs.append(str(found))
-    return tuple(dirs)
-
-
-def _define(path: Path, macro: str) -> int:
-    match = re.search(rf"#define\s+{macro}\s+(\d+)", path.read_text(errors="replace"))
-    if match is None:
-        raise ConfigError(f"CUDA headers: expected '#define {macro}' in {path}, found none")
-    return int(match.group(1))
-
-
-@functools.cache
-def cuda_header_versions() -> dict[str, int]:
-    cudart, cccl = (Path(d) for d in cuda_include_dirs())
-    return {"cudart": _define(cudart / "cuda_runtime_api.h", "CUDART_VERSION"),
-            "cccl": _define(cccl / "cuda/std/__cccl/version.h", "CCCL_VERSION")}
-
-
 def _local_headers(text: str, root: Path) -> dict[str, str]:
     """Every templates/ header reachable through #include "...", recursively."""
     found: dict[str, str] = {}
@@ -148,34 +108,39 @@ def render(spec: KernelSpec, root: Path | None = None) -> Source:
     return Source(spec, file, text, _local_headers(text, root), exprs, options)
 
 
+def _fetch(prog, get_size, get, what: str) -> bytes:
+    """An NVRTC output into a fresh writable buffer: NVRTC writes into the object it is
+    given, and a bytes object of one byte is shared by the whole interpreter."""
+    (size,) = check(get_size(prog), f"{what}Size")
+    buf = bytearray(size)
+    check(get(prog, buf), what)
+    return bytes(buf)
+
+
 def _program_log(prog) -> str:
-    (size,) = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-    buf = b" " * size
-    _check(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
-    return buf.rstrip(b"\0").decode(errors="replace")
+    log = _fetch(prog, nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, "nvrtcGetProgramLog")
+    return log.rstrip(b"\0").decode(errors="replace")
 
 
 def compile_source(source: Source, key: str) -> CompiledProgram:
     """Compile to a cubin for the spec's exact arch. Raises CompileError with the log."""
     start = time.perf_counter()
     names = list(source.headers)
-    (prog,) = _check(nvrtc.nvrtcCreateProgram(
+    (prog,) = check(nvrtc.nvrtcCreateProgram(
         source.text.encode(), source.file_name.encode(), len(names),
         [source.headers[n].encode() for n in names], [n.encode() for n in names]), "nvrtcCreateProgram")
     try:
         for expr in source.name_expressions:
-            _check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()), "nvrtcAddNameExpression")
+            check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()), "nvrtcAddNameExpression")
         options = [*source.options, *(f"-I{d}" for d in cuda_include_dirs())]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
         log = _program_log(prog)
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise CompileError(f"NVRTC could not compile {source.spec.describe()}",
                                spec=source.spec, key=key, log=log, source=source.text)
-        (size,) = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        lowered = {e: _check(nvrtc.nvrtcGetLoweredName(prog, e.encode()), "nvrtcGetLoweredName")[0].decode()
+        cubin = _fetch(prog, nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, "nvrtcGetCUBIN")
+        lowered = {e: check(nvrtc.nvrtcGetLoweredName(prog, e.encode()), "nvrtcGetLoweredName")[0].decode()
                    for e in source.name_expressions}
     finally:
-        _check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
+        check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
     return CompiledProgram(cubin, lowered, log, time.perf_counter() - start)

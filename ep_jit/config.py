@@ -1,97 +1,211 @@
-"""EP_JIT_* settings, read from the environment when they are needed.
+"""EP_JIT_* settings: every variable is declared and parsed here, and nowhere else.
 
-Every variable is listed in README.md ("Configuration"). Bad values raise
-ConfigError naming the variable, the expected and the actual value.
+A bad value raises ConfigError naming the variable, the expected form and the value.
+The table in README.md ("Configuration") lists the same variables and forms.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import re
 import shlex
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
+from . import toolchain
 from .errors import ConfigError
 
 DEFAULT_ARCH = "sm_90a"
-DEFAULT_LOCK_TIMEOUT = 600.0
-ARCH_PATTERN = re.compile(r"^sm_[0-9]{2,3}[af]?$")
+NAME_MAX, PATH_MAX = 255, 4096  # Linux limits on one path component and a whole path
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("ep_jit")
 
 
-def _env(name: str) -> str | None:
+def folder_problem(path: Path, must_exist: bool = False) -> str | None:
+    """Why `path` cannot be used as a folder (or, unless must_exist, be created as one)."""
+    text = os.fsencode(path)
+    if len(text) >= PATH_MAX or any(len(part) > NAME_MAX for part in text.split(b"/")):
+        return f"longer than {PATH_MAX} bytes, or a name in it longer than {NAME_MAX}"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and must_exist:
+        return "it does not exist"
+    return None if existing.is_dir() else f"{existing} is not a folder"
+
+
+def check_folder(path: Path, name: str) -> Path:
+    """`path` if it is a folder or can be created as one, else ConfigError naming `name`."""
+    problem = folder_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{name}: expected a folder path, got {_shown(str(path))}; {problem}")
+    return path
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 200 else text[:200] + "...")
+
+
+# Parsers: text -> value, or ValueError whose message (possibly empty) says why.
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser().absolute()
+
+
+def _folder(raw: str) -> Path:
+    path = _path(raw)
+    problem = folder_problem(path)
+    if problem is not None:
+        raise ValueError(problem)
+    return path
+
+
+def _existing_folder(raw: str) -> Path:
+    path = _path(raw)
+    problem = folder_problem(path, must_exist=True)
+    if problem is not None:
+        raise ValueError(problem)
+    return path
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError("")
+    return value
+
+
+def _flag(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError("")
+    return raw == "1"
+
+
+def _log_level(raw: str) -> str:
+    if raw.lower() not in LOG_LEVELS:
+        raise ValueError("")
+    return raw.lower()
+
+
+def _arch(raw: str) -> str:
+    if not toolchain.is_supported_arch(raw):
+        raise ValueError(f"NVRTC {toolchain.nvrtc_version()} targets {toolchain.arch_targets()}")
+    return raw
+
+
+def _options(raw: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:
+        raise ValueError(str(exc).lower()) from None
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    form: str      # the expected form, as errors and the README say it
+    default: str   # what applies when it is unset, in words
+    meaning: str
+    parse: Callable[[str], Any]
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("EP_JIT_CACHE_DIR", "a folder path", "$XDG_CACHE_HOME/ep_jit, else ~/.cache/ep_jit",
+            "cache root (created 0700)", _folder),
+    Setting("EP_JIT_ALLOW_SHARED_CACHE", "0 or 1", "0",
+            "1 accepts a cache root that group/others can write or another user owns", _flag),
+    Setting("EP_JIT_ARCH", "an arch NVRTC can target, like sm_90a", DEFAULT_ARCH,
+            "default arch of ep-jit-warm", _arch),
+    Setting("EP_JIT_LOG", "one of " + ", ".join(LOG_LEVELS), "warning", "level of the ep_jit logger", _log_level),
+    Setting("EP_JIT_LOCK_TIMEOUT", "a positive number of seconds", "600",
+            "wait for another process compiling the same key, then compile anyway", _positive_seconds),
+    Setting("EP_JIT_LOCK_DIR", "a folder path", "$TMPDIR/ep_jit-<uid>/locks",
+            "node-local folder for per-key locks (created 0700, must be this user's)", _folder),
+    Setting("EP_JIT_NVRTC_OPTIONS", "NVRTC options in shell syntax, like -lineinfo", "none",
+            "extra NVRTC options (part of the key)", _options),
+    Setting("EP_JIT_TEMPLATE_DIR", "an existing folder path", "the installed templates",
+            "compile templates from another folder (its sources enter the key)", _existing_folder),
+    Setting("EP_JIT_ALWAYS_COMPILE", "0 or 1", "0",
+            "1 compiles every kernel once per process and neither reads nor writes the disk cache", _flag),
+)}
+
+
+def raw(name: str) -> str | None:
+    """The variable's text; unset and empty are the same."""
     value = os.environ.get(name)
-    return value if value not in (None, "") else None
+    return value if value else None
+
+
+def get(name: str) -> Any:
+    """The parsed value of a set variable, or None when it is unset."""
+    text = raw(name)
+    if text is None:
+        return None
+    setting = SETTINGS[name]
+    try:
+        return setting.parse(text)
+    except ValueError as exc:
+        detail = f"; {exc}" if str(exc) else ""
+        raise ConfigError(f"{name}: expected {setting.form}, got {_shown(text)}{detail}") from None
+
+
+def check_environment() -> dict[str, Any]:
+    """Parse every EP_JIT_* variable that is set; the values in force, by name."""
+    return {name: get(name) for name in SETTINGS if raw(name) is not None}
 
 
 def cache_root() -> Path:
     """$EP_JIT_CACHE_DIR, else $XDG_CACHE_HOME/ep_jit, else ~/.cache/ep_jit."""
-    explicit = _env("EP_JIT_CACHE_DIR")
+    explicit = get("EP_JIT_CACHE_DIR")
     if explicit is not None:
-        return Path(explicit).expanduser().absolute()
-    xdg = _env("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return (base / "ep_jit").absolute()
+        return explicit
+    xdg = raw("XDG_CACHE_HOME")
+    if xdg:
+        return check_folder(_path(xdg) / "ep_jit", "XDG_CACHE_HOME")
+    return check_folder(Path.home() / ".cache" / "ep_jit", "HOME")
 
 
 def lock_root() -> Path:
     """Node-local folder for per-key locks: never on the (possibly shared) cache root."""
-    explicit = _env("EP_JIT_LOCK_DIR")
-    if explicit is not None:
-        return Path(explicit).expanduser().absolute()
-    return Path(tempfile.gettempdir()) / f"ep_jit-{os.getuid()}" / "locks"
+    explicit = get("EP_JIT_LOCK_DIR")
+    return explicit if explicit is not None else Path(tempfile.gettempdir()) / f"ep_jit-{os.getuid()}" / "locks"
 
 
 def template_dir_override() -> Path | None:
-    explicit = _env("EP_JIT_TEMPLATE_DIR")
-    return Path(explicit).expanduser().absolute() if explicit else None
-
-
-def check_arch(arch: str, name: str = "arch") -> str:
-    if not isinstance(arch, str) or not ARCH_PATTERN.match(arch):
-        raise ValueError(f"{name}: expected an arch like 'sm_90a' or 'sm_100', got {arch!r}")
-    return arch
+    return get("EP_JIT_TEMPLATE_DIR")
 
 
 def default_arch() -> str:
-    arch = _env("EP_JIT_ARCH") or DEFAULT_ARCH
-    if not ARCH_PATTERN.match(arch):
-        raise ConfigError(f"EP_JIT_ARCH: expected an arch like 'sm_90a', got {arch!r}")
-    return arch
+    return get("EP_JIT_ARCH") or DEFAULT_ARCH
 
 
 def lock_timeout() -> float:
-    raw = _env("EP_JIT_LOCK_TIMEOUT")
-    if raw is None:
-        return DEFAULT_LOCK_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ConfigError(f"EP_JIT_LOCK_TIMEOUT: expected a positive number of seconds, got {raw!r}")
-    return value
+    value = get("EP_JIT_LOCK_TIMEOUT")
+    return 600.0 if value is None else value
 
 
 def allow_shared_cache() -> bool:
-    return _env("EP_JIT_ALLOW_SHARED_CACHE") == "1"
+    return bool(get("EP_JIT_ALLOW_SHARED_CACHE"))
+
+
+def always_compile() -> bool:
+    return bool(get("EP_JIT_ALWAYS_COMPILE"))
 
 
 def extra_nvrtc_options() -> tuple[str, ...]:
-    raw = _env("EP_JIT_NVRTC_OPTIONS")
-    return tuple(shlex.split(raw)) if raw else ()
+    return get("EP_JIT_NVRTC_OPTIONS") or ()
 
 
 def configure_logging() -> None:
-    """Apply EP_JIT_LOG (debug, info, warning, error) to the 'ep_jit' logger."""
-    raw = (_env("EP_JIT_LOG") or "warning").upper()
-    level = logging.getLevelName(raw)
-    if not isinstance(level, int):
-        raise ConfigError(f"EP_JIT_LOG: expected one of debug, info, warning, error, got {raw.lower()!r}")
-    log.setLevel(level)
+    """Apply EP_JIT_LOG to the 'ep_jit' logger."""
+    log.setLevel((get("EP_JIT_LOG") or "warning").upper())
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("ep_jit[%(process)d] %(levelname)s: %(message)s"))

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-from . import __version__
-from .cache import DiskCache, Entry, cache_key, key_inputs
+from . import __version__, config
+from .cache import CacheWriteError, DiskCache, Entry, cache_key, key_inputs
 from .compiler import Source, compile_source, nvrtc_version, render
 from .config import log
 from .errors import CompileError
@@ -54,6 +54,7 @@ _stats = Stats()
 _memory: dict[KernelSpec, KernelBinary] = {}
 _failures: dict[KernelSpec, CompileError] = {}
 _mutex = threading.Lock()
+_unwritable: set[str] = set()  # cache roots this process has warned about
 
 
 def stats() -> dict[str, float]:
@@ -82,17 +83,26 @@ def get_kernel(spec: KernelSpec) -> KernelBinary:
     return resolve(spec)[0]
 
 
-def resolve(spec: KernelSpec, cache: DiskCache | None = None) -> tuple[KernelBinary, Tier]:
-    """get_kernel's slow path, also saying which tier answered (ep-jit-warm reports it)."""
+def resolve(spec: KernelSpec, cache: DiskCache | None = None, *,
+            must_publish: bool = False) -> tuple[KernelBinary, Tier]:
+    """get_kernel's slow path, also saying which tier answered (ep-jit-warm reports it).
+
+    A kernel that compiled but could not be written to the cache is still returned, with
+    one warning per cache root, unless `must_publish` (then CacheWriteError is raised).
+    """
     with _mutex:
         if spec in _memory:
             _stats.memory_hits += 1
             return _memory[spec], "memory"
         if spec in _failures:
             raise _failures[spec]
+        config.check_environment()
         cache = cache or DiskCache()
         try:
-            binary, tier = _from_disk_or_compile(spec, cache)
+            if config.always_compile():
+                binary, tier = _compile_and_publish(*_keyed(spec), None, must_publish), "compiled"
+            else:
+                binary, tier = _from_disk_or_compile(spec, cache, must_publish)
         except CompileError as exc:
             _failures[spec] = exc
             raise
@@ -117,7 +127,7 @@ def lookup(spec: KernelSpec, cache: DiskCache) -> tuple[str, Entry | None]:
     return key, _read(cache, key)
 
 
-def _from_disk_or_compile(spec: KernelSpec, cache: DiskCache) -> tuple[KernelBinary, Tier]:
+def _from_disk_or_compile(spec: KernelSpec, cache: DiskCache, must_publish: bool) -> tuple[KernelBinary, Tier]:
     source, inputs, key = _keyed(spec)
     entry = _read(cache, key)
     if entry is None:
@@ -125,7 +135,7 @@ def _from_disk_or_compile(spec: KernelSpec, cache: DiskCache) -> tuple[KernelBin
             _stats.lock_wait_seconds += waited
             entry = _read(cache, key)  # another process may have built it while we waited
             if entry is None:
-                return _compile_and_publish(source, inputs, key, cache), "compiled"
+                return _compile_and_publish(source, inputs, key, cache, must_publish), "compiled"
     if entry.failed:
         raise remembered_failure(spec, entry)
     _stats.disk_hits += 1
@@ -144,7 +154,23 @@ def _read(cache: DiskCache, key: str) -> Entry | None:
     return entry
 
 
-def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCache) -> KernelBinary:
+def _publish(cache: DiskCache | None, key: str, header: dict, payload: bytes, must_publish: bool) -> None:
+    """Write the entry; a cache that cannot be written costs the disk tier, not the kernel."""
+    if cache is None:  # EP_JIT_ALWAYS_COMPILE: the disk tier is bypassed
+        return
+    try:
+        cache.write(key, header, payload)
+    except CacheWriteError as exc:
+        if must_publish:
+            raise
+        if str(cache.root) not in _unwritable:
+            _unwritable.add(str(cache.root))
+            log.warning("the kernel cache %s cannot be written (%s); kernels are kept in memory only",
+                        cache.root, exc)
+
+
+def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCache | None,
+                         must_publish: bool) -> KernelBinary:
     spec = source.spec
     header = {
         "key": key,
@@ -162,11 +188,11 @@ def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCach
         program = compile_source(source, key)
     except CompileError as exc:
         _stats.compile_failures += 1
-        cache.write(key, {**header, "status": "failed", "log": exc.log, "lowered_names": {},
-                          "compile_seconds": time.perf_counter() - start}, b"")
+        _publish(cache, key, {**header, "status": "failed", "log": exc.log, "lowered_names": {},
+                              "compile_seconds": time.perf_counter() - start}, b"", must_publish)
         raise
     _stats.compiles += 1
     _stats.compile_seconds += program.seconds
-    cache.write(key, {**header, "status": "ok", "log": program.log, "lowered_names": program.lowered_names,
-                      "compile_seconds": program.seconds}, program.cubin)
+    _publish(cache, key, {**header, "status": "ok", "log": program.log, "lowered_names": program.lowered_names,
+                          "compile_seconds": program.seconds}, program.cubin, must_publish)
     return KernelBinary(spec, key, program.cubin, program.lowered_names)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from .config import check_arch
 from .group import group_tag
 from .kernels.catalogue import KERNELS, TEMPLATE_PARAMS, TEMPLATES
 from .kernels.constants import SCALE_BLOCK, WARP_SIZE
+from .toolchain import check_arch
 
 # dtype name -> C++ element type
 DTYPES: dict[str, str] = {"bf16": "__nv_bfloat16", "fp8_e4m3": "__nv_fp8_e4m3"}
@@ -20,6 +20,11 @@ DTYPE_ALIASES: dict[str, str] = {"bfloat16": "bf16", "fp8": "fp8_e4m3", "float8_
 
 
 MAX_TOPK = WARP_SIZE  # the kernels give each top-k entry of a row one lane of a warp
+# The names users see for a spec's fields: the same in ep-jit-warm's flags, plans and
+# dry run and in cache-inspect's list and show.
+FIELD_NAMES: dict[str, str] = {"template": "template", "hidden": "hidden", "num_experts": "experts",
+                               "num_ranks": "ep_size", "topk": "topk", "dtype": "dtype", "member_hash": "group",
+                               "arch": "arch"}
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -80,6 +85,17 @@ class KernelSpec:
         """Every kernel's instance, in catalogue order."""
         return tuple(self.name_expression(k.name) for k in TEMPLATES[self.template])
 
+    def fields(self) -> dict[str, object]:
+        """Every field under the name users see (FIELD_NAMES)."""
+        return shown_fields(asdict(self))
+
     def describe(self) -> str:
-        return (f"{self.template}(hidden={self.hidden}, experts={self.num_experts}, ranks={self.num_ranks}, "
-                f"topk={self.topk}, dtype={self.dtype}, group={self.member_hash[:12]}, arch={self.arch})")
+        fields = {**self.fields(), "group": self.member_hash[:12]}
+        template = fields.pop("template")
+        return f"{template}({', '.join(f'{k}={v}' for k, v in fields.items())})"
+
+
+def shown_fields(spec_fields: dict) -> dict:
+    """A spec's fields (KernelSpec names, as entry headers record them) under the names users
+    see, in KernelSpec's order."""
+    return {FIELD_NAMES[k]: spec_fields[k] for k in FIELD_NAMES if k in spec_fields}

@@ -55,7 +55,10 @@ def test_missing_local_header_is_a_clear_error(cache_env, template_copy):
     ("topk", 65, "topk: expected at most num_experts=64 and 32, got 65"),
     ("topk", 33, "topk: expected at most num_experts=64 and 32, got 33"),
     ("dtype", "fp16", "dtype: expected one of"),
-    ("arch", "sm90", "arch: expected an arch like 'sm_90a'"),
+    ("arch", "sm90", "arch: expected an arch NVRTC"),
+    ("arch", "sm_12", "got 'sm_12'"),
+    ("arch", "sm_999", "got 'sm_999'"),
+    ("arch", "sm_80a", "suffix a from sm_90"),
     ("member_hash", "abc", "member_hash: expected 64 lowercase hex digits"),
     ("template", "nope", "template: expected one of"),
 ])
@@ -82,3 +85,16 @@ def test_cubin_is_deterministic_across_processes(cache_env):
     outs = {run_py(code, cwd=repo).stdout.strip() for _ in range(2)}
     here = hashlib.sha256(compile_source(render(layout_spec()), "k").cubin).hexdigest()
     assert outs == {here}
+
+
+def test_compiling_leaves_the_interpreters_shared_bytes_alone(cache_env):
+    # NVRTC writes into the buffer it is handed; an empty log has size 1, and b" " is a
+    # one-byte object the whole interpreter shares
+    from conftest import run_py
+    code = ("import sys; sys.path.insert(0, 'tests'); from helpers import layout_spec\n"
+            "from ep_jit.compiler import render, compile_source\n"
+            "prog = compile_source(render(layout_spec()), 'k')\n"
+            "print(repr(prog.log), b' ' == bytes([32]))")
+    out = run_py(code, cwd=str(__import__("conftest").REPO))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["''", "True"]

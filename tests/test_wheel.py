@@ -26,14 +26,17 @@ def test_wheel_installs_into_fresh_venv_and_compiles(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    # a real install: the wheel plus its dependencies from the package index (pip's cache makes it quick)
-    inst = subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True)
-    assert inst.returncode == 0, inst.stderr
-    sp = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        capture_output=True, text=True, check=True).stdout.strip()
+    # the fresh environment sees only what it installed (a PYTHONPATH to the source tree would
+    # make pip take ep_jit as installed already)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(EP_JIT_CACHE_DIR=str(tmp_path / "cache"), EP_JIT_LOCK_DIR=str(tmp_path / "locks"))
     env.pop("EP_JIT_TEMPLATE_DIR", None)
+    # a real install: the wheel plus its dependencies from the package index (pip's cache makes it quick)
+    inst = subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True,
+                          env=env)
+    assert inst.returncode == 0, inst.stderr
+    sp = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        capture_output=True, text=True, check=True, env=env).stdout.strip()
     out = subprocess.run([str(venv / "bin" / "ep-jit-warm"), "--preset", "tiny", "--json"], cwd=tmp_path,
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

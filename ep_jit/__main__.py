@@ -1,0 +1,5 @@
+import sys
+
+from .cli.show_config import main
+
+sys.exit(main())
