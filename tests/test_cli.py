@@ -408,7 +408,7 @@ def test_prune_cleans_left_overs_and_all_empties_quarantine(warmed, tmp_path):
 
 def test_prune_failed_removes_remembered_failures(cache_env, template_copy):
     p = template_copy / "layout.cu"
-    p.write_text(p.read_text().replace("blockIdx.x, topk_idx", "nope, topk_idx"))
+    p.write_text(p.read_text().replace("blockIdx.x, a.topk_idx", "nope, a.topk_idx"))
     env = {"EP_JIT_TEMPLATE_DIR": str(template_copy)}
     assert warm("--preset", "tiny", env=env).returncode == 1
     out = json.loads(inspect("prune", "--failed", "--json", env=env).stdout)
