@@ -5,9 +5,12 @@ __version__ = "0.1.0"
 import os as _os
 
 from . import config as _config
-from .errors import CompileError, ConfigError, EPJitError, PeerTimeout
+from .errors import CompileError, ConfigError, CudaVersionError, EPJitError, GroupWarmError, NotWarmError, PeerTimeout
+from .coverage import check_warm
 from .group import GroupInfo, member_hash
+from .group_warm import warm
 from .jit import get_kernel, stats
+from .kernels import buffer_specs
 from .spec import KernelSpec
 
 if _os.environ.get("EP_JIT_LOG"):
@@ -22,5 +25,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ep_jit' has no attribute {name!r}")
 
 
-__all__ = ["Buffer", "CompileError", "ConfigError", "EPJitError", "GroupInfo", "KernelSpec", "PeerTimeout",
-           "__version__", "get_kernel", "member_hash", "stats"]
+__all__ = ["Buffer", "CompileError", "ConfigError", "CudaVersionError", "EPJitError", "GroupInfo", "GroupWarmError",
+           "KernelSpec", "NotWarmError", "PeerTimeout", "__version__", "buffer_specs", "check_warm", "get_kernel",
+           "member_hash", "stats", "warm"]

@@ -14,9 +14,9 @@ from typing import Any, Callable
 from cuda.bindings import driver
 
 from .errors import PeerTimeout
-from .frameworks import Adapter, adapter_for, group_device, object_all_gather, resolve_stream
+from .frameworks import Adapter, adapter_for, group_all_gather, group_device, resolve_stream
 from .group import GroupInfo
-from .jit import get_kernel
+from .group_warm import warm
 from .kernels import MAX_LOCAL_EXPERTS, MAX_RANKS, SIGNATURES, TRANSPORTS, buffer_specs
 from .runtime import Module, check, device_arch, device_attribute, use_device
 from .spec import canonical_dtype
@@ -77,11 +77,7 @@ class Buffer:
         self.device = device if device is not None else group_device(group)
         if self.device is None:
             raise ValueError("device: expected the CUDA device ordinal when group is a GroupInfo, got None")
-        gather = all_gather or object_all_gather(group, R)
-        if gather is None:
-            if R > 1:
-                raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
-            gather = lambda obj: [obj]  # noqa: E731
+        gather = group_all_gather(group, R, all_gather)
         self._check_same_everywhere(gather, dict(members=list(self.group.members), hidden=hidden,
                                                  num_experts=num_experts, topk=topk, dtype=self.dtype,
                                                  max_tokens_per_rank=self.max_tokens, num_sms=num_sms,
@@ -93,10 +89,11 @@ class Buffer:
             raise ValueError(f"num_sms: expected at most the device's {sm_count} SMs, got {num_sms}")
         self.id = next(_ids)
 
-        # every kernel this Buffer will launch: compiled or loaded now, never on a later call
+        # every kernel this Buffer will launch: loaded now, each key compiled at most once in the group
         specs = buffer_specs(hidden=hidden, num_experts=num_experts, topk=topk, dtype=self.dtype,
                              members=self.group.members, arch=device_arch(self.device), transport=transport)
-        modules = {s.template: Module(get_kernel(s), self.device, SIGNATURES[s.template]) for s in specs}
+        modules = {b.spec.template: Module(b, self.device, SIGNATURES[b.spec.template])
+                   for b in warm(specs, self.group, all_gather=gather)}
         shape = dict(device=self.device, hidden=hidden, num_experts=num_experts, topk=topk, dtype=self.dtype,
                      num_sms=num_sms, timeout_s=timeout_s)
         if transport == "nvlink":

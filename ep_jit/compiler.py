@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cuda.bindings import nvrtc
-from cuda.pathfinder import find_nvidia_header_directory
+from cuda.pathfinder import DynamicLibNotFoundError, find_nvidia_header_directory
 
 from . import config
+from .compat import EXTRAS_HINT
 from .errors import CompileError, ConfigError
 from .spec import TEMPLATES, KernelSpec
 
@@ -94,17 +95,20 @@ def _check(result: tuple, what: str) -> tuple:
 
 @functools.cache
 def nvrtc_version() -> str:
-    major, minor = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    try:
+        major, minor = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    except DynamicLibNotFoundError as exc:
+        raise ConfigError(f"NVRTC: expected the NVRTC library ({EXTRAS_HINT}), found none: {exc}") from None
     return f"{major}.{minor}"
 
 
 @functools.cache
 def cuda_include_dirs() -> tuple[str, ...]:
     dirs = []
-    for lib, wheel in (("cudart", "nvidia-cuda-runtime"), ("cccl", "nvidia-cuda-cccl")):
+    for lib in ("cudart", "cccl"):
         found = find_nvidia_header_directory(lib)
         if found is None:
-            raise ConfigError(f"CUDA headers: expected the {lib} headers (pip install {wheel}), found none")
+            raise ConfigError(f"CUDA headers: expected the {lib} headers ({EXTRAS_HINT}), found none")
         dirs.append(str(found))
     return tuple(dirs)
 

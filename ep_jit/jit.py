@@ -1,10 +1,11 @@
-"""get_kernel(spec): the three tiers, memory -> disk -> NVRTC.
+"""get_kernel(spec): the tiers, memory -> local disk -> shared read-only tiers -> NVRTC.
 
 The memory tier is a dict keyed by the frozen spec, so a hit costs one hash and no
 file or key work. A miss renders the source, computes the key, reads the verified
-disk entry, and otherwise compiles under the key's lock and publishes the entry.
-Compile failures are remembered in memory and on disk, so later calls and other
-ranks fail fast with the same NVRTC log.
+local entry, then the shared tiers (a hit there is copied into the local cache), and
+otherwise compiles under the key's lock and publishes the entry. Compile failures are
+remembered in memory and on disk, so later calls and other ranks fail fast with the
+same NVRTC log. With EP_JIT_REQUIRE_WARM=1 a miss in every tier raises instead.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-from . import __version__
+from . import __version__, config
 from .cache import DiskCache, Entry, cache_key, key_inputs
 from .compiler import Source, compile_source, nvrtc_version, render
 from .config import log
-from .errors import CompileError
+from .errors import CompileError, NotWarmError
+from .shared import read_shared
 from .spec import KernelSpec
 
-Tier = Literal["memory", "disk", "compiled"]
+# "peer": the entry came from another member of the group (ep_jit.warm)
+Tier = Literal["memory", "disk", "shared", "peer", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class KernelBinary:
 class Stats:
     memory_hits: int = 0
     disk_hits: int = 0
+    shared_hits: int = 0
+    peer_hits: int = 0
     compiles: int = 0
     compile_failures: int = 0
     compile_seconds: float = 0.0
@@ -50,6 +55,7 @@ class Stats:
 
 
 _stats = Stats()
+_HIT_COUNTERS = {"disk": "disk_hits", "shared": "shared_hits", "peer": "peer_hits"}
 _memory: dict[KernelSpec, KernelBinary] = {}
 _failures: dict[KernelSpec, CompileError] = {}
 _mutex = threading.Lock()
@@ -81,22 +87,39 @@ def get_kernel(spec: KernelSpec) -> KernelBinary:
     return resolve(spec)[0]
 
 
-def resolve(spec: KernelSpec, cache: DiskCache | None = None) -> tuple[KernelBinary, Tier]:
-    """get_kernel's slow path, also saying which tier answered (ep-jit-warm reports it)."""
+def resolve(spec: KernelSpec, cache: DiskCache | None = None, *,
+            require_warm: bool | None = None) -> tuple[KernelBinary, Tier]:
+    """get_kernel's slow path, also saying which tier answered (ep-jit-warm reports it).
+    `require_warm`: refuse to compile (default: EP_JIT_REQUIRE_WARM)."""
     with _mutex:
         if spec in _memory:
             _stats.memory_hits += 1
             return _memory[spec], "memory"
         if spec in _failures:
             raise _failures[spec]
-        cache = cache or DiskCache()
-        try:
-            binary, tier = _from_disk_or_compile(spec, cache)
-        except CompileError as exc:
-            _failures[spec] = exc
-            raise
-        _memory[spec] = binary
-        return binary, tier
+        entry, tier = fetch_or_build(spec, cache or DiskCache(), require_warm=require_warm)
+        return _install(spec, entry, tier), tier
+
+
+def cached(spec: KernelSpec) -> KernelBinary | None:
+    """The memory tier's binary for `spec`, if any (counts no hit)."""
+    return _memory.get(spec)
+
+
+def install(spec: KernelSpec, entry: Entry, tier: Tier) -> KernelBinary:
+    """Put a verified entry into the memory tier; a failed compile's entry raises its CompileError."""
+    with _mutex:
+        return _install(spec, entry, tier)
+
+
+def _install(spec: KernelSpec, entry: Entry, tier: Tier) -> KernelBinary:
+    if entry.failed:
+        exc = _failures[spec] = remembered_failure(spec, entry)
+        raise exc
+    if tier in _HIT_COUNTERS:
+        setattr(_stats, _HIT_COUNTERS[tier], getattr(_stats, _HIT_COUNTERS[tier]) + 1)
+    binary = _memory[spec] = KernelBinary(spec, entry.key, entry.payload, entry.header["lowered_names"])
+    return binary
 
 
 def _keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
@@ -105,34 +128,64 @@ def _keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
     return source, inputs, cache_key(inputs)
 
 
+def spec_inputs(spec: KernelSpec) -> tuple[dict, str]:
+    """The key inputs of `spec` and the key they hash to: renders and hashes, reads and writes nothing."""
+    return _keyed(spec)[1:]
+
+
 def spec_key(spec: KernelSpec) -> str:
     """The cache key of `spec`: renders and hashes, reads and writes nothing."""
     return _keyed(spec)[2]
 
 
 def lookup(spec: KernelSpec, cache: DiskCache) -> tuple[str, Entry | None]:
-    """The spec's key and its verified disk entry, if any. Compiles nothing."""
+    """The spec's key and its verified local disk entry, if any. Compiles nothing."""
     key = spec_key(spec)
     return key, _read(cache, key)
 
 
-def _from_disk_or_compile(spec: KernelSpec, cache: DiskCache) -> tuple[KernelBinary, Tier]:
-    source, inputs, key = _keyed(spec)
+def find(key: str, cache: DiskCache) -> tuple[Entry, Tier] | None:
+    """The verified entry for `key` from the local disk or, copied into it, a shared tier."""
     entry = _read(cache, key)
-    if entry is None:
+    if entry is not None:
+        return entry, "disk"
+    start = time.perf_counter()
+    shared = read_shared(key)
+    _stats.load_seconds += time.perf_counter() - start
+    if shared is None:
+        return None
+    return publish(cache, key, shared.header, shared.payload), "shared"
+
+
+def publish(cache: DiskCache, key: str, header: dict, payload: bytes) -> Entry:
+    """Write a verified entry into the local cache."""
+    return Entry(key, header, payload, cache.write(key, header, payload))
+
+
+def fetch_or_build(spec: KernelSpec, cache: DiskCache, *, require_warm: bool | None = None) -> tuple[Entry, Tier]:
+    """The spec's entry from the local disk, a shared tier, or NVRTC (then published);
+    a failed compile gives an entry too. Touches neither memory tier nor failure memory."""
+    source, inputs, key = _keyed(spec)
+    found = find(key, cache)
+    if found is None:
+        if config.require_warm() if require_warm is None else require_warm:
+            raise not_warm([spec.describe()], cache)
         with cache.lock(key) as waited:
             _stats.lock_wait_seconds += waited
-            entry = _read(cache, key)  # another process may have built it while we waited
-            if entry is None:
-                return _compile_and_publish(source, inputs, key, cache), "compiled"
-    if entry.failed:
-        raise remembered_failure(spec, entry)
-    _stats.disk_hits += 1
-    return KernelBinary(spec, key, entry.payload, entry.header["lowered_names"]), "disk"
+            # another process may have built it while we waited
+            found = find(key, cache) or (_compile_and_publish(source, inputs, key, cache), "compiled")
+    return found
+
+
+def not_warm(names: list[str], cache: DiskCache) -> NotWarmError:
+    """The error for specs (their descriptions) that no tier holds under EP_JIT_REQUIRE_WARM=1."""
+    return NotWarmError(f"EP_JIT_REQUIRE_WARM=1 and no cache tier (local {cache.root}, shared "
+                        f"{':'.join(map(str, config.shared_cache_roots())) or 'none'}) holds {'; '.join(names)}; "
+                        f"warm it with ep-jit-warm (nothing was compiled)")
 
 
 def remembered_failure(spec: KernelSpec, entry: Entry) -> CompileError:
-    return CompileError("NVRTC could not compile this spec (remembered failure)", spec=spec, key=entry.key,
+    return CompileError(f"NVRTC could not compile {spec.describe()}", spec=spec, key=entry.key,
                         log=entry.header.get("log", ""), source=entry.header.get("source", ""))
 
 
@@ -143,7 +196,8 @@ def _read(cache: DiskCache, key: str) -> Entry | None:
     return entry
 
 
-def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCache) -> KernelBinary:
+def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCache) -> Entry:
+    """Compile and publish; a failure is published too (status "failed", the NVRTC log)."""
     spec = source.spec
     header = {
         "key": key,
@@ -161,11 +215,9 @@ def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCach
         program = compile_source(source, key)
     except CompileError as exc:
         _stats.compile_failures += 1
-        cache.write(key, {**header, "status": "failed", "log": exc.log, "lowered_names": {},
-                          "compile_seconds": time.perf_counter() - start}, b"")
-        raise
+        return publish(cache, key, {**header, "status": "failed", "log": exc.log, "lowered_names": {},
+                                    "compile_seconds": time.perf_counter() - start}, b"")
     _stats.compiles += 1
     _stats.compile_seconds += program.seconds
-    cache.write(key, {**header, "status": "ok", "log": program.log, "lowered_names": program.lowered_names,
-                      "compile_seconds": program.seconds}, program.cubin)
-    return KernelBinary(spec, key, program.cubin, program.lowered_names)
+    return publish(cache, key, {**header, "status": "ok", "log": program.log, "lowered_names": program.lowered_names,
+                                "compile_seconds": program.seconds}, program.cubin)

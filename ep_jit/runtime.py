@@ -14,6 +14,8 @@ from typing import Sequence
 
 from cuda.bindings import driver
 
+from .compat import check_driver
+from .compiler import nvrtc_version
 from .config import log
 from .errors import EPJitError
 from .jit import KernelBinary, record_load
@@ -37,6 +39,7 @@ def check(result, what: str):
 @functools.cache
 def _init() -> None:
     check(driver.cuInit(0), "cuInit")
+    check_driver(nvrtc_version())  # before any cubin meets the driver
 
 
 @functools.cache

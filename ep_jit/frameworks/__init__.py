@@ -117,6 +117,18 @@ def object_all_gather(group: Any, size: int) -> Callable[[Any], list] | None:
     return None
 
 
+def group_all_gather(group: Any, size: int, all_gather: Callable[[Any], list] | None = None
+                     ) -> Callable[[Any], list]:
+    """`all_gather` if given, else the group framework's object all-gather; a lone member
+    gathers itself. A GroupInfo of more members needs `all_gather`."""
+    gather = all_gather or object_all_gather(group, size)
+    if gather is not None:
+        return gather
+    if size > 1:
+        raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
+    return lambda obj: [obj]
+
+
 def group_device(group: Any) -> int | None:
     """The CUDA device this process uses with the group's framework, if it has one."""
     module = type(group).__module__
