@@ -1,7 +1,8 @@
-"""cache-inspect {list,show,verify,prune,stats} [--cache-dir DIR] [--json]
+"""cache-inspect {list,show,verify,prune,stats,coverage,export,import} [--cache-dir DIR] [--json]
 
-Exit status: 0 on success, 1 when `verify` finds a corrupt entry, 2 on bad arguments
-(one line on stderr, nothing written).
+Exit status: 0 on success, 1 when `verify` finds a corrupt entry, `coverage` a missing
+kernel, or `export`/`import` refuse a bundle, 2 on bad arguments (one line on stderr,
+nothing written).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from ep_jit.cache import CorruptEntry, DiskCache, Entry
 from ep_jit.cli import OneLineParser
 from ep_jit.errors import ConfigError
+
+from . import bundle, coverage
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)i?B?$", re.IGNORECASE)
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
@@ -194,7 +197,8 @@ def cmd_stats(cache: DiskCache, args) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "prune": cmd_prune, "stats": cmd_stats}
+COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "prune": cmd_prune, "stats": cmd_stats,
+            "coverage": coverage.cmd_coverage, "export": bundle.cmd_export, "import": bundle.cmd_import}
 
 
 def build_parser() -> OneLineParser:
@@ -215,6 +219,8 @@ def build_parser() -> OneLineParser:
     prune.add_argument("--all", action="store_true", help="remove every entry")
     prune.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
     sub.add_parser("stats", parents=[common], help="totals by template, arch and NVRTC version")
+    coverage.add_parser(sub, common)
+    bundle.add_parsers(sub, common)
     return p
 
 

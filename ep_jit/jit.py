@@ -181,7 +181,7 @@ def not_warm(names: list[str], cache: DiskCache) -> NotWarmError:
     """The error for specs (their descriptions) that no tier holds under EP_JIT_REQUIRE_WARM=1."""
     return NotWarmError(f"EP_JIT_REQUIRE_WARM=1 and no cache tier (local {cache.root}, shared "
                         f"{':'.join(map(str, config.shared_cache_roots())) or 'none'}) holds {'; '.join(names)}; "
-                        f"warm it with ep-jit-warm (nothing was compiled)")
+                        f"run ep-jit-warm first (nothing was compiled)")
 
 
 def remembered_failure(spec: KernelSpec, entry: Entry) -> CompileError:
