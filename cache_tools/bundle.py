@@ -124,7 +124,7 @@ def _read_members(path: Path) -> dict[str, bytes]:
                     raise BundleRefused(f"member {member.name!r} appears twice")
                 members[member.name] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise BundleRefused(f"{path} is not a readable tar file (truncated or not a bundle): {exc}") from None
+        raise BundleRefused(f"not a readable tar file (truncated, or not a bundle): {exc}") from None
     return members
 
 
@@ -181,7 +181,8 @@ def import_bundle(cache: DiskCache, path: Path) -> dict:
 # ---- commands -------------------------------------------------------------------------
 
 def _refused(verb: str, exc: BundleRefused) -> int:
-    sys.stderr.write(f"cache-inspect: error: {verb}: {exc}\n")
+    reason = " ".join(str(exc).split())  # one line, whatever the library said
+    sys.stderr.write(f"cache-inspect: error: {verb}: {reason}\n")
     return 1
 
 
