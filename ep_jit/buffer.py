@@ -120,7 +120,9 @@ class Buffer:
                              f"differ from rank 0 ({ {k: everyone[0][k] for k in differ} } vs "
                              f"{ {k: everyone[r][k] for k in differ for r in ranks[:1]} })")
 
-    def _tensor(self, adapter: Adapter, name: str, t: Any, dtype: str, shape: tuple, framework: str) -> None:
+    def _tensor(self, adapter: Adapter, name: str, t: Any, dtype: str, shape: tuple, framework: str,
+                vectors: bool = False) -> None:
+        """`vectors`: a row tensor the kernels move in 16-byte vectors; it must be 16-byte aligned."""
         if type(t).__module__.split(".")[0] != framework:
             raise TypeError(f"{name}: expected a {framework} tensor like x, got {type(t).__module__}.{type(t).__name__}")
         if adapter.device(t) != self.device:
@@ -131,6 +133,9 @@ class Buffer:
             raise ValueError(f"{name}: expected shape {list(shape)}, got {list(adapter.shape(t))}")
         if not adapter.is_contiguous(t):
             raise ValueError(f"{name}: expected a contiguous tensor, got strides that are not row-major")
+        if vectors and adapter.pointer(t) % 16:
+            raise ValueError(f"{name}: expected a 16-byte aligned address, got one with address % 16 = "
+                             f"{adapter.pointer(t) % 16}")
 
     def raise_pending(self) -> None:
         """Raise what earlier non-blocking dispatches found on the device: an expert id
@@ -164,13 +169,13 @@ class Buffer:
         T, H, K = shape[0], self.hidden, self.topk
         if T > self.max_tokens:
             raise ValueError(f"x: expected at most max_tokens_per_rank={self.max_tokens} tokens, got {T}")
-        self._tensor(adapter, "x", x, self.dtype, (T, H), fw)
+        self._tensor(adapter, "x", x, self.dtype, (T, H), fw, vectors=True)
         self._tensor(adapter, "topk_idx", topk_idx, "int64", (T, K), fw)
         self._tensor(adapter, "topk_weights", topk_weights, "float32", (T, K), fw)
         if self.dtype == "fp8_e4m3":
             if scales is None:
                 raise ValueError(f"scales: expected float32 [T, {H // 128}] for fp8 dispatch, got None")
-            self._tensor(adapter, "scales", scales, "float32", (T, H // 128), fw)
+            self._tensor(adapter, "scales", scales, "float32", (T, H // 128), fw, vectors=True)
         elif scales is not None:
             raise ValueError("scales: expected None for a bf16 Buffer, got a tensor")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
@@ -213,7 +218,7 @@ class Buffer:
         if adapter.name != handle.framework:
             raise TypeError(f"y: expected a {handle.framework} tensor like the dispatch inputs, got {adapter.name}")
         rows = handle.num_recv if handle.num_recv is not None else handle.capacity
-        self._tensor(adapter, "y", y, "bf16", (rows, self.hidden), adapter.name)
+        self._tensor(adapter, "y", y, "bf16", (rows, self.hidden), adapter.name, vectors=True)
         op = self._operation(stream, adapter)
         use_device(self.device)
         out, keep = self._transport.combine(op, y, handle, rows)

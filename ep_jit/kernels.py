@@ -10,7 +10,7 @@ check of every offset).
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_int, c_uint64, c_void_p
+from ctypes import c_int, c_uint32, c_uint64, c_void_p
 from typing import Sequence
 
 from .group import member_hash
@@ -31,11 +31,12 @@ class SymLayout(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_int64), ("counts", ctypes.c_int64), ("send_index", ctypes.c_int64),
                 ("stage_x", ctypes.c_int64), ("stage_scales", ctypes.c_int64), ("stage_idx", ctypes.c_int64),
                 ("stage_weights", ctypes.c_int64), ("combine", ctypes.c_int64), ("combine_ready", ctypes.c_int64),
-                ("max_tokens", ctypes.c_int32)]
+                ("combine_dropped", ctypes.c_int64), ("max_tokens", ctypes.c_int32), ("nonce", c_uint32)]
 
 
 COMBINE_CHUNK_ROWS = 8  # kCombineChunkRows: combine flags its pushes per this many rows
 NUM_FLAG_KINDS = 4      # kNumFlagKinds: flag words per peer in the symmetric buffer
+STAGE_CONSUMED, COMBINE_CONSUMED = 1, 2  # kStageConsumed, kCombineConsumed: posted for sequence 0 at set-up
 
 
 class Status(ctypes.Structure):
@@ -48,7 +49,8 @@ class Mailbox(ctypes.Structure):
     """Mapped pinned host memory the kernels write (struct Mailbox in dispatch.cu, then the
     host copy of the status words)."""
 
-    _fields_ = [("done_ticket", c_int), ("recv_total", c_int), ("recv_from", c_int * MAX_RANKS),
+    _fields_ = [("done_ticket", c_uint32), ("started_ticket", c_uint32), ("recv_total", c_int),
+                ("recv_from", c_int * MAX_RANKS),
                 ("tokens_per_expert", c_int * MAX_LOCAL_EXPERTS), ("bad_source", c_int), ("bad_index", c_int),
                 ("status", c_int * 4)]
 
@@ -57,11 +59,11 @@ P = c_void_p  # any device pointer
 # Parameter types of every kernel, per template, in the order of Template.kernels.
 SIGNATURES: dict[str, tuple[tuple[type, ...], ...]] = {
     "layout": ((P, c_int, P, P, P, P, Status),),
-    "dispatch": ((P, P, P, P, c_int, P, P, P, P, P, SymLayout, c_int, P, c_int, c_uint64, Status, P, P, P,
+    "dispatch": ((P, P, P, P, c_int, P, P, P, P, P, SymLayout, c_int, P, c_uint32, c_uint64, Status, P, P, P,
                   P),                                                                 # send
                  (P, P, P, P, c_int, P, P, SymLayout, c_int, P, c_uint64, Status, P)),  # pull
     "combine": ((P, c_int, P, P, P, c_int, P, SymLayout, c_int, P, c_uint64, Status, P),),
-    "collective": ((P, c_int, P, P, P, P, c_int),                                     # count
+    "collective": ((P, c_int, P, P, P, P, c_uint32),                                  # count
                    (P, P, P, P, P, c_int, P, P, P),                                   # pack
                    (P, c_int, P, P, P),                                               # unpack
                    (P, P, c_int, P, P)),                                              # sum

@@ -7,10 +7,11 @@ parameter storage, so a launch costs one ctypes initialisation and one cuLaunchK
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from cuda.bindings import driver
 
@@ -64,6 +65,19 @@ def quiesce(device: int) -> bool:
         return driver.cuCtxSynchronize()[0] == driver.CUresult.CUDA_SUCCESS
     except Exception:
         return False
+
+
+@contextlib.contextmanager
+def setup_stream(what: str) -> Iterator[int]:
+    """A private non-blocking stream for set-up writes, synchronised when the block ends.
+    Plain cuMemset* calls are asynchronous and queue behind the legacy stream's work, so
+    they could land after the memory was shared; this one waits for nobody else's work."""
+    stream = check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING), f"cuStreamCreate({what})")
+    try:
+        yield int(stream)
+        check(driver.cuStreamSynchronize(stream), f"cuStreamSynchronize({what})")
+    finally:
+        driver.cuStreamDestroy(stream)
 
 
 def mapped_host_memory(nbytes: int, what: str) -> tuple[int, int]:

@@ -32,7 +32,7 @@ struct MetaRow {
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kPermuteThreads)
 count_kernel(const int* __restrict__ gathered, int rank, int* __restrict__ send_offsets,
-             int* __restrict__ recv_offsets, int* __restrict__ local_expert_counts, int* host, int ticket) {
+             int* __restrict__ recv_offsets, int* __restrict__ local_expert_counts, int* host, uint32_t ticket) {
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kRow = NUM_RANKS + NUM_EXPERTS + 4;
     if (threadIdx.x == 0) {
@@ -55,7 +55,7 @@ count_kernel(const int* __restrict__ gathered, int rank, int* __restrict__ send_
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        *reinterpret_cast<volatile int*>(host) = ticket;
+        *reinterpret_cast<volatile uint32_t*>(host) = ticket;
     }
 }
 

@@ -31,7 +31,8 @@ namespace ep_jit {
 constexpr int kCopyThreads = 512;
 
 struct Mailbox {          // mapped pinned host memory, one per Buffer
-    int done_ticket;      // written last: the fields below belong to the dispatch with this ticket
+    uint32_t done_ticket;    // written last: the fields below belong to the dispatch with this ticket
+    uint32_t started_ticket; // written when the send kernel starts (the host's deadline counts from then)
     int recv_total;
     int recv_from[64];    // tokens received from each source rank
     int tokens_per_expert[1024];
@@ -44,7 +45,7 @@ struct Mailbox {          // mapped pinned host memory, one per Buffer
 template <int NUM_EXPERTS, int NUM_RANKS>
 __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, const int* tokens_per_expert,
                                                 const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
-                                                uint64_t want, int ticket, uint64_t timeout_ns, const Status& st,
+                                                uint64_t want, uint32_t ticket, uint64_t timeout_ns, const Status& st,
                                                 int* recv_offsets, int* local_expert_counts, Mailbox* mailbox) {
     static_assert(NUM_RANKS <= 64 && NUM_EXPERTS / NUM_RANKS <= 1024, "mailbox too small");
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
@@ -96,7 +97,7 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        *reinterpret_cast<volatile int*>(&mailbox->done_ticket) = ticket;
+        *reinterpret_cast<volatile uint32_t*>(&mailbox->done_ticket) = ticket;
     }
 }
 
@@ -133,16 +134,17 @@ __global__ void __launch_bounds__(kCopyThreads)
 send_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
             const float* __restrict__ topk_weights, int num_tokens, bool* __restrict__ is_token_in_rank,
             int* __restrict__ token_slot, int* tokens_per_rank, int* tokens_per_expert,
-            const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs, int ticket,
+            const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs, uint32_t ticket,
             uint64_t timeout_ns, Status st, int* recv_offsets, int* local_expert_counts, Mailbox* mailbox,
             int* counters /* [0] layout blocks done, [1] staging blocks done */) {
     __shared__ bool last;
+    if (blockIdx.x == 0 && threadIdx.x == 0 && ticket != 0)
+        *reinterpret_cast<volatile uint32_t*>(&mailbox->started_ticket) = ticket;
     if (failed(st)) return;
-    const uint64_t my_base = peers[rank];
-    const int prev_seq = seqs->dispatch;
-    const uint64_t want = make_flag(TAG, prev_seq + 1);
-    if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(TAG, prev_seq),
-                                                     timeout_ns, st, kPhaseStage))
+    const uint64_t my_base = peers[rank], id = flag_identity(TAG, L.nonce);
+    const uint32_t prev_seq = seqs->dispatch;
+    const uint64_t want = make_flag(id, prev_seq + 1);
+    if (!block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(id, prev_seq), timeout_ns, st, kPhaseStage))
         return;
     if (blockIdx.x < NUM_RANKS) {
         const int dst = blockIdx.x;
@@ -153,7 +155,10 @@ send_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int
         if (threadIdx.x == 0) {
             __threadfence_system();  // this block's send list, visible to peers before the exchange's flags
             last = atomicAdd(&counters[0], 1) == NUM_RANKS - 1;
-            if (last) counters[0] = 0;
+            if (last) {
+                counters[0] = 0;
+                __threadfence();  // the other layout blocks' counts, visible to every thread of this one
+            }
         }
         __syncthreads();
         if (last)
@@ -162,7 +167,7 @@ send_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int
         return;
     }
     stage_tokens<HIDDEN, TOPK, T>(x, scales, topk_idx, topk_weights, num_tokens, my_base, L, NUM_RANKS);
-    grid_done_post<NUM_RANKS>(&counters[1], gridDim.x - NUM_RANKS, peers, L, kStageReady, rank, want, nullptr, 0);
+    grid_done_post<NUM_RANKS>(&counters[1], gridDim.x - NUM_RANKS, peers, L, kStageReady, rank, want, st);
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
@@ -179,8 +184,9 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
     static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
     __shared__ int offsets[NUM_RANKS + 1];
     if (failed(st)) return;  // the count exchange failed: nothing valid to pull
-    const int seq = seqs->dispatch + 1;
-    if (!block_wait_all<NUM_RANKS>(peers[rank], L, kStageReady, make_flag(TAG, seq), timeout_ns, st, kPhasePull))
+    const uint32_t seq = seqs->dispatch + 1;
+    const uint64_t want = make_flag(flag_identity(TAG, L.nonce), seq);
+    if (!block_wait_all<NUM_RANKS>(peers[rank], L, kStageReady, want, timeout_ns, st, kPhasePull))
         return;
     if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = capacity < 0 ? 0 : recv_offsets[threadIdx.x];
     __syncthreads();
@@ -237,8 +243,7 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
         recv_idx[i] = -1;
         recv_weights[i] = 0.0f;
     }
-    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kStageConsumed, rank, make_flag(TAG, seq),
-                              &seqs->dispatch, seq);
+    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kStageConsumed, rank, want, st, &seqs->dispatch, seq);
 }
 
 }  // namespace ep_jit

@@ -49,13 +49,16 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n_vec,
 }
 
 // ---- system-scope flags ----------------------------------------------------
-// A flag word holds the group tag's high 32 bits and a sequence number in the low 32,
-// so a kernel of another group never mistakes a stale word for its own, and an older
-// round's word stays below the sequence a wait asks for.
+// A flag word holds an identity in its high 32 bits (the group tag's high half mixed
+// with the Buffer's nonce, so neither a kernel of another group nor a stale word of an
+// earlier Buffer of this group matches) and a sequence number in the low 32. Sequences
+// are unsigned and wrap; every comparison of two of them is modulo 2^32.
 
-__device__ __forceinline__ uint64_t make_flag(uint64_t tag, uint32_t seq) {
-    return (tag & 0xffffffff00000000ull) | seq;
+__device__ __forceinline__ uint64_t flag_identity(uint64_t tag, uint32_t nonce) {
+    return (tag & 0xffffffff00000000ull) ^ (static_cast<uint64_t>(nonce) << 32);
 }
+
+__device__ __forceinline__ uint64_t make_flag(uint64_t identity, uint32_t seq) { return identity | seq; }
 
 __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
@@ -81,6 +84,7 @@ __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_c
 //   [0] error: 0, or phase << 16 | (peer + 1) when a wait timed out
 //   [1] 1 + flat index of the first top-k id outside [-1, E), else 0
 //   [2] received rows when they exceeded the non-blocking capacity, else 0
+//   [3] rows of this rank's tokens that a peer dropped for its capacity (found by combine)
 struct Status {
     int* device;
     int* host;
@@ -99,10 +103,14 @@ __device__ __forceinline__ void raise_error(const Status& st, int phase, int pee
     report(st, 0, (phase << 16) | (peer + 1));
 }
 
-// A flag has reached `want` when it carries the same group tag and the same or a later
-// sequence: a peer may already be a round ahead (a combine that needs no rows from this
-// rank finishes without waiting for it), and its flags only move forward.
-__device__ __forceinline__ bool flag_reached(uint64_t flag, uint64_t want) {
+// A flag has reached `want` when it carries the same identity and the same or a later
+// sequence (modulo 2^32): a peer may already be a round ahead (a combine that needs no
+// rows from this rank finishes without waiting for it), and its flags only move forward.
+// Flags that every peer posts every round stay within a few rounds of each other, far
+// inside the 2^31 window. With `exact`, only `want` itself counts: for flags that are not
+// posted every round and can never be ahead (combine's chunk flags).
+__device__ __forceinline__ bool flag_reached(uint64_t flag, uint64_t want, bool exact) {
+    if (exact) return flag == want;
     const int32_t ahead = static_cast<int32_t>(static_cast<uint32_t>(flag) - static_cast<uint32_t>(want));
     return (flag >> 32) == (want >> 32) && ahead >= 0;
 }
@@ -110,9 +118,9 @@ __device__ __forceinline__ bool flag_reached(uint64_t flag, uint64_t want) {
 // Spin until *p has reached want. Gives up when the deadline passes or another wait has
 // already failed, so a dead peer becomes an error on the host instead of a hang.
 __device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint64_t timeout_ns, const Status& st,
-                                          int phase, int peer) {
+                                          int phase, int peer, bool exact = false) {
     const uint64_t deadline = global_time_ns() + timeout_ns;
-    while (!flag_reached(ld_acquire_sys(p), want)) {
+    while (!flag_reached(ld_acquire_sys(p), want, exact)) {
         if (failed(st)) return false;
         if (global_time_ns() > deadline) {
             raise_error(st, phase, peer);
@@ -138,7 +146,9 @@ struct SymLayout {
     long long combine;       // bf16 [R][max_tokens][H]: rows expert rank p pushed back for my tokens
     long long combine_ready; // uint64 [R][max_tokens / kCombineChunkRows, rounded up]: [p][k] says rows
                              // [k, k + 1) * kCombineChunkRows of p's pushes to me are in place (combine seq)
+    long long combine_dropped; // int [R]: [p] = rows of my tokens that p dropped for its capacity, this combine
     int max_tokens;
+    uint32_t nonce;          // this Buffer's, agreed by every member at set-up; part of every flag
 };
 
 // Combine pushes rows in chunks of this many and flags each chunk, so the reduce can
@@ -155,10 +165,12 @@ enum FlagKind : int {
 
 // Sequence numbers live on the device, so a captured CUDA graph replays with fresh
 // ones: an operation uses last + 1 and its final kernel stores it back when done.
-// Dispatches and combines count separately (their flags are separate kinds).
+// Dispatches and combines count separately (their flags are separate kinds). At set-up
+// every rank posts "consumed" for sequence 0 into its own slots, so the first round
+// waits like every other.
 struct Sequences {
-    int dispatch;  // last completed dispatch
-    int combine;   // last completed combine
+    uint32_t dispatch;  // last completed dispatch
+    uint32_t combine;   // last completed combine
 };
 
 enum Phase : int {
@@ -176,34 +188,47 @@ __device__ __forceinline__ uint64_t* flag_slot(uint64_t base, const SymLayout& L
 }
 
 // Threads 0..R-1 of the block each wait for one peer's flag in this rank's buffer.
-// Returns false (uniformly across the block) if any wait failed.
+// Returns false if any wait failed, decided once for the whole block so it leaves together.
 template <int NUM_RANKS>
 __device__ __forceinline__ bool block_wait_all(uint64_t my_base, const SymLayout& L, int kind, uint64_t want,
                                                uint64_t timeout_ns, const Status& st, int phase) {
+    bool ok = true;
     if (threadIdx.x < NUM_RANKS)
-        wait_flag(flag_slot(my_base, L, kind, threadIdx.x, NUM_RANKS), want, timeout_ns, st, phase, threadIdx.x);
-    __syncthreads();
-    return !failed(st);
+        ok = wait_flag(flag_slot(my_base, L, kind, threadIdx.x, NUM_RANKS), want, timeout_ns, st, phase, threadIdx.x);
+    return !__syncthreads_or(!ok || failed(st));
 }
 
-// The last of `num_blocks` blocks to get here posts `want` into slot [kind][rank] of every
-// peer, then records `seq` as done in *done (if given) and zeroes the kernel's work queue
-// counter (if given). Each block fences its own writes first, so they are visible before the flag.
+// True on thread 0 of the last of `num_blocks` blocks to get here, which also resets the
+// counter. Each block fences its own writes first, and the last one fences after it has
+// seen every arrival, so what every block wrote is visible to what the last one does next.
+__device__ __forceinline__ bool last_block_arrives(int* counter, int num_blocks) {
+    __syncthreads();
+    if (threadIdx.x != 0) return false;
+    __threadfence_system();
+    if (atomicAdd(counter, 1) != num_blocks - 1) return false;
+    *counter = 0;
+    __threadfence_system();
+    return true;
+}
+
+// Post `want` into slot [kind][rank] of every peer, unless a wait of this operation has
+// failed: a peer must never take a broken round for a finished one.
+template <int NUM_RANKS>
+__device__ __forceinline__ bool post_all(const uint64_t* peers, const SymLayout& L, int kind, int rank, uint64_t want,
+                                         const Status& st) {
+    if (failed(st)) return false;
+    for (int p = 0; p < NUM_RANKS; ++p) st_release_sys(flag_slot(peers[p], L, kind, rank, NUM_RANKS), want);
+    return true;
+}
+
+// The last block posts `want` to every peer and records `seq` as done in *done (if given).
 template <int NUM_RANKS>
 __device__ __forceinline__ void grid_done_post(int* counter, int num_blocks, const uint64_t* peers,
-                                               const SymLayout& L, int kind, int rank, uint64_t want, int* done,
-                                               int seq, int* queue = nullptr) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        if (atomicAdd(counter, 1) == num_blocks - 1) {
-            *counter = 0;
-            if (queue != nullptr) *queue = 0;
-            __threadfence_system();
-            for (int p = 0; p < NUM_RANKS; ++p) st_release_sys(flag_slot(peers[p], L, kind, rank, NUM_RANKS), want);
-            if (done != nullptr) *done = seq;
-        }
-    }
+                                               const SymLayout& L, int kind, int rank, uint64_t want, const Status& st,
+                                               uint32_t* done = nullptr, uint32_t seq = 0) {
+    if (last_block_arrives(counter, num_blocks) && post_all<NUM_RANKS>(peers, L, kind, rank, want, st) &&
+        done != nullptr)
+        *done = seq;
 }
 
 // ---- rows grouped by peer, walked in interleaved chunks ------------------------

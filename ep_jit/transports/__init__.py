@@ -65,17 +65,29 @@ def bad_topk_message(source: int, flat: int, topk: int, num_experts: int, value:
             f"{where} of its topk_idx; no token of this dispatch was moved")
 
 
-def wait_for_ticket(address: int, ticket: int, timeout_s: float, poll: Callable[[], None]) -> bool:
-    """Spin until the int at `address` (mapped host memory a kernel writes last) equals
-    `ticket`, calling `poll` on the way; False when `timeout_s` passes first."""
-    word = ctypes.c_int.from_address(address)
-    deadline = time.monotonic() + timeout_s
+def next_ticket(ticket: int) -> int:
+    """The ticket after `ticket`, as the uint32 the kernels echo: 1 .. 2^32 - 1, then 1 again
+    (0 means "no ticket")."""
+    return ticket % 0xFFFFFFFF + 1
+
+
+def wait_for_ticket(address: int, ticket: int, timeout_s: float, poll: Callable[[], None],
+                    started: int | None = None) -> bool:
+    """Spin until the uint32 at `address` (mapped host memory a kernel writes last) equals
+    `ticket`, calling `poll` on the way; False when `timeout_s` passes first. With
+    `started`, the uint32 there that the kernel writes when it begins, the time counts
+    from then: work queued ahead of it on the stream is not the peers' delay."""
+    word = ctypes.c_uint32.from_address(address)
+    begun = ctypes.c_uint32.from_address(started) if started is not None else None
+    deadline = time.monotonic() + timeout_s if begun is None else None
     spins = 0
     while word.value != ticket:
         poll()
         spins += 1
+        if deadline is None and begun.value == ticket:
+            deadline = time.monotonic() + timeout_s
         if spins > 10000:  # past ~10 ms: check the clock and stop burning the core
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(20e-6)
     return True

@@ -21,7 +21,8 @@ from ..errors import EPJitError, PeerTimeout
 from ..group import GroupInfo
 from ..kernels import Status, meta_row_bytes
 from ..runtime import Module, check, mapped_host_memory, quiesce
-from . import COPY_THREADS, LAYOUT_THREADS, DispatchResult, Handle, Operation, bad_topk_message, wait_for_ticket
+from . import (COPY_THREADS, LAYOUT_THREADS, DispatchResult, Handle, Operation, bad_topk_message, next_ticket,
+               wait_for_ticket)
 
 STATUS_WORDS = 4  # the layout kernel's status words end every counts row
 
@@ -90,7 +91,7 @@ class CollectiveTransport:
         a.all_gather(self.framework_group, gathered, counts, op.foreign_stream)
         send_offsets, recv_offsets = op.empty((R + 1,), "int32", dev), op.empty((R + 1,), "int32", dev)
         expert_counts = op.empty((E // R,), "int32", dev)
-        self._tickets += 1
+        self._tickets = next_ticket(self._tickets)
         count.launch(1, COPY_THREADS, s, p(gathered), rank, p(send_offsets), p(recv_offsets), p(expert_counts),
                      self._host_dev, self._tickets)
         rows = self._read_counts(self._tickets)

@@ -15,10 +15,10 @@ from cuda.bindings import driver
 
 from ..errors import EPJitError, PeerTimeout
 from ..group import GroupInfo
-from ..kernels import Mailbox, Status
-from ..runtime import Module, check, mapped_host_memory, quiesce, use_device
+from ..kernels import NUM_FLAG_KINDS, Mailbox, Status
+from ..runtime import Module, check, device_attribute, mapped_host_memory, quiesce, setup_stream, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from . import COPY_THREADS, DispatchResult, Handle, Operation, bad_topk_message, wait_for_ticket
+from . import COPY_THREADS, DispatchResult, Handle, Operation, bad_topk_message, next_ticket, wait_for_ticket
 
 PHASES = {1: "dispatch staging (waiting for peers to finish reading the previous stage)",
           2: "count exchange", 3: "combine push (waiting for peers to finish the previous combine)",
@@ -42,14 +42,16 @@ class NVLinkTransport:
         self.num_sms, self.timeout_s, self.timeout_ns = num_sms, timeout_s, int(timeout_s * 1e9)
         self.layout, size = plan_layout(num_ranks=R, num_experts=num_experts, hidden=hidden, topk=topk,
                                         max_tokens=max_tokens, elem_size=1 if dtype == "fp8_e4m3" else 2)
+        self._check_resident(modules["combine"][0], device, num_sms)
         self._gather = gather
-        self.sym = SymmetricBuffer(group, size, device, gather)
+        self.sym = SymmetricBuffer(group, self.layout, size, device, gather)
         # int32 words: [0, 8) block counters (pull, combine, combine's token queue, layout,
         # staging), [8, 12) status, [12, 14) sequences, [14, 16) padding, then tokens per rank [R]
         # and per expert [E]
         ws_bytes = 4 * (16 + R + num_experts)
         self._workspace = check(driver.cuMemAlloc(ws_bytes), "cuMemAlloc(workspace)")
-        check(driver.cuMemsetD8(self._workspace, 0, ws_bytes), "cuMemsetD8(workspace)")
+        with setup_stream("workspace") as stream:
+            check(driver.cuMemsetD8Async(self._workspace, 0, ws_bytes, stream), "cuMemsetD8Async(workspace)")
         ws = int(self._workspace)
         self._counters, self._status_words, self._seqs = ws, ws + 32, ws + 48
         self._tokens_per_rank, self._tokens_per_expert = ws + 64, ws + 64 + 4 * R
@@ -58,8 +60,19 @@ class NVLinkTransport:
         self._status = Status(self._status_words, self._mailbox_dev + Mailbox.status.offset)
         self._finalizer = weakref.finalize(self, _free, device, self._workspace, self._host_mailbox)
         self._tickets = 0  # host-side id of each default-mode dispatch, echoed by the count exchange
+        self._stale_status: set[int] = set()  # device status words to clear on the next operation's stream
         self.closed = False
 
+    @staticmethod
+    def _check_resident(combine: Any, device: int, num_sms: int) -> None:
+        """Combine's reducing warps wait for chunks that other blocks push, so all of its
+        num_sms blocks must be resident at once: within what the device guarantees."""
+        per_sm = check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(combine.function, COPY_THREADS, 0),
+                       "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+        sms = device_attribute(device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        if num_sms > per_sm * sms:
+            raise ValueError(f"num_sms: expected at most {per_sm * sms} (combine's blocks must all be resident at "
+                             f"once), got {num_sms}")
     # ---- errors -----------------------------------------------------------------
 
     def check_error(self) -> None:
@@ -69,19 +82,24 @@ class NVLinkTransport:
         error = self.mailbox.status[0]
         if error:
             phase, peer = error >> 16, (error & 0xFFFF) - 1
-            self.close(wait_for_peers=False)  # the group is broken: free everything now
+            self.close(wait_for_peers=False)  # the group is broken: free what no peer can reach
             raise PeerTimeout(f"rank {peer} (global rank {self.group.members[peer]}) did not respond within "
                               f"{self.timeout_s:g} s in {PHASES.get(phase, phase)}; this Buffer is unusable")
 
     def raise_pending(self) -> None:
         self.check_error()
-        overflow = self.mailbox.status[2]
+        overflow, lost = self.mailbox.status[2], self.mailbox.status[3]
         if self.mailbox.bad_source:
             self._raise_bad_topk(None, None)
         if overflow:
             self._clear_status(2)
             raise ValueError(f"capacity: expected at least {overflow} rows for an earlier non-blocking dispatch; "
                              "the rows past the capacity were dropped")
+        if lost:
+            self._clear_status(3)
+            raise ValueError(f"capacity: a peer's capacity was too small for an earlier non-blocking dispatch: "
+                             f"{lost} rows of this rank's tokens were dropped there, and combine's output holds "
+                             "only the contributions that were kept")
 
     def _raise_bad_topk(self, op: Operation | None, topk_idx: Any) -> None:
         source, flat = self.mailbox.bad_source - 1, self.mailbox.bad_index - 1
@@ -98,8 +116,15 @@ class NVLinkTransport:
         raise ValueError(message + ("" if topk_idx is not None else " (found by an earlier non-blocking dispatch)"))
 
     def _clear_status(self, word: int) -> None:
+        """Clear the host copy now and the device copy first thing on the next operation's
+        stream, so it is ordered before that operation's kernels."""
         self.mailbox.status[word] = 0
-        check(driver.cuMemsetD32(self._status_words + 4 * word, 0, 1), "cuMemsetD32(status)")
+        self._stale_status.add(word)
+
+    def _begin(self, op: Operation) -> None:
+        for word in self._stale_status:
+            check(driver.cuMemsetD32Async(self._status_words + 4 * word, 0, 1, op.stream), "cuMemsetD32Async(status)")
+        self._stale_status.clear()
 
     def check_operation(self, op: Operation, capacity: int | None) -> None:
         """Any framework's tensors and both modes work here."""
@@ -110,8 +135,10 @@ class NVLinkTransport:
                  capacity: int | None) -> tuple[DispatchResult, list]:
         T, H, K, R = num_tokens, self.hidden, self.topk, self.group.size
         fp8, s, dev = scales is not None, op.stream, self.device
-        self._tickets += 1
-        ticket = self._tickets if capacity is None else 0
+        self._begin(op)
+        ticket = 0
+        if capacity is None:
+            ticket = self._tickets = next_ticket(self._tickets)
         token_slot = op.empty((T, R), "int32", dev)
         in_rank = op.empty((T, R), "bool", dev)
         recv_offsets = op.empty((R + 1,), "int32", dev)
@@ -148,21 +175,27 @@ class NVLinkTransport:
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle), keep
 
     def _wait_for_counts(self, ticket: int) -> None:
-        """Wait on mapped host memory until the count exchange of `ticket` has landed."""
+        """Wait on mapped host memory until the count exchange of `ticket` has landed. The
+        device gives up on its own after timeout_s per wait (two: the previous stage, then
+        the counts), counted from when the send kernel starts; this is the backstop."""
         def poll() -> None:
             if self.mailbox.status[0]:
                 self.check_error()
-        if not wait_for_ticket(self._host_mailbox, ticket, self.timeout_s + 1.0, poll):
+        limit = 2 * self.timeout_s + 1.0
+        if not wait_for_ticket(self._host_mailbox, ticket, limit, poll,
+                               started=self._host_mailbox + Mailbox.started_ticket.offset):
             self.close(wait_for_peers=False)
-            raise PeerTimeout(f"count exchange: no answer from the device within {self.timeout_s + 1:g} s")
+            raise PeerTimeout(f"count exchange: no answer from the device within {limit:g} s of its start")
         self.check_error()
 
     # ---- combine ----------------------------------------------------------------
 
     def combine(self, op: Operation, y: Any, handle: Handle, rows: int) -> tuple[Any, list]:
+        self._begin(op)
         out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
         p, s = op.adapter.pointer, op.stream
         L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
+        # one block per SM of num_sms, all resident at once (checked at set-up)
         self.modules["combine"][0].launch(self.num_sms, COPY_THREADS, s, p(y), rows, p(handle.recv_offsets), p(out),
                                           p(handle.token_slot), handle.num_tokens, peers, L, rank, self._seqs,
                                           timeout, status, self._counters + 4)
@@ -172,7 +205,8 @@ class NVLinkTransport:
 
     def close(self, wait_for_peers: bool = True) -> None:
         """Collective by default: a peer may still be reading this rank's memory until it
-        has finished its last operation."""
+        has finished its last operation. Without waiting, this rank's exported buffer is
+        kept until process exit, and only what no peer can reach is freed."""
         if not self._finalizer.alive:
             return
         self.closed = True
@@ -180,5 +214,20 @@ class NVLinkTransport:
             use_device(self.device)
             check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
             self._gather(None)  # barrier: every member has finished its last operation
-        self.sym.close()
+            self.sym.close()
+        else:
+            self.sym.abandon()
         self._finalizer()
+
+    def preset_counters(self, seq: int, ticket: int) -> None:
+        """Test hook, collective: go on as if `seq` dispatches and combines had completed
+        and `ticket` had been the last ticket (to run the wrap-around of both)."""
+        use_device(self.device)
+        check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+        self._gather(None)
+        seqs = (ctypes.c_uint32 * 2)(seq, seq)
+        with setup_stream("preset") as stream:
+            check(driver.cuMemcpyHtoDAsync(self._seqs, seqs, ctypes.sizeof(seqs), stream), "cuMemcpyHtoDAsync(seqs)")
+            self.sym.post_own_flags(tuple(range(NUM_FLAG_KINDS)), seq, stream)
+        self._tickets = ticket
+        self._gather(None)
