@@ -75,7 +75,8 @@ def _exchange(gather: Gather, make: Callable[[], Any]) -> list:
 
 def _survey(specs: list[KernelSpec], cache: DiskCache, keys: list[str], found: dict) -> dict:
     """Round 1's report: keys, those this member can hand out, those it lacks (with the
-    spec's description, for messages)."""
+    spec's description, for messages). Fills `keys` (in spec order) and `found` (key ->
+    the entry this member holds)."""
     lacking = {}
     for spec in specs:
         key = spec_key(spec)
@@ -133,7 +134,7 @@ def _install_all(specs: list[KernelSpec], keys: list[str], found: dict, received
         try:
             if key in found:
                 binaries[spec] = install(spec, *found[key])
-            elif key in received:
+            elif key in received and cached(spec) is None:
                 binaries[spec] = _adopt(spec, key, received[key], cache)
             else:
                 binaries[spec] = get_kernel(spec)  # already in the memory tier
