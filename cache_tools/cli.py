@@ -1,4 +1,9 @@
-"""cache-inspect: list, show, verify, prune and count the ep_jit kernel cache."""
+"""cache-inspect {list,show,verify,prune,stats,config,coverage,export,import} [--cache-dir DIR] [--json]
+
+Exit status: 0 on success, 1 when `verify` finds a corrupt entry, `coverage` a missing
+kernel, or `export`/`import` refuse a bundle, 2 on bad arguments (one line on stderr,
+nothing written).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from ep_jit.cli.show_config import show as show_config
 from ep_jit.errors import ConfigError
 from ep_jit.spec import shown_fields
 from ep_jit.units import AGE_FORM, SIZE_FORM, format_age, format_size, parse_age, parse_size
+
+from . import bundle, coverage
 
 EPILOG = f"""examples:
   cache-inspect list --wide
@@ -247,7 +254,8 @@ def cmd_config(cache: DiskCache, args) -> int:
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "prune": cmd_prune, "stats": cmd_stats,
-            "config": cmd_config}
+            "config": cmd_config, "coverage": coverage.cmd_coverage, "export": bundle.cmd_export,
+            "import": bundle.cmd_import}
 
 
 def build_parser() -> OneLineParser:
@@ -273,6 +281,8 @@ def build_parser() -> OneLineParser:
     prune.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
     sub.add_parser("stats", parents=[common], help="totals, left-over files, counts by template, arch, NVRTC")
     sub.add_parser("config", parents=[common], help="versions, paths and every EP_JIT_* setting in force")
+    coverage.add_parser(sub, common)
+    bundle.add_parsers(sub, common)
     return p
 
 

@@ -5,8 +5,10 @@ __version__ = "0.1.0"
 import contextlib as _contextlib
 
 from . import config as _config
-from .errors import CompileError, ConfigError, EPJitError, PeerTimeout
+from .errors import CompileError, ConfigError, CudaVersionError, EPJitError, GroupWarmError, NotWarmError, PeerTimeout
+from .coverage import check_warm
 from .group import GroupInfo, member_hash
+from .group_warm import warm
 from .jit import get_kernel, stats
 from .spec import KernelSpec
 
@@ -22,8 +24,12 @@ def __getattr__(name: str):
     if name == "Buffer":
         from .buffer import Buffer
         return Buffer
+    if name == "buffer_specs":  # lists the transports' templates, so it imports the transports
+        from .transports import buffer_specs
+        return buffer_specs
     raise AttributeError(f"module 'ep_jit' has no attribute {name!r}")
 
 
-__all__ = ["Buffer", "CompileError", "ConfigError", "EPJitError", "GroupInfo", "KernelSpec", "PeerTimeout",
-           "__version__", "get_kernel", "member_hash", "stats"]
+__all__ = ["Buffer", "CompileError", "ConfigError", "CudaVersionError", "EPJitError", "GroupInfo", "GroupWarmError",
+           "KernelSpec", "NotWarmError", "PeerTimeout", "__version__", "buffer_specs", "check_warm", "get_kernel",
+           "member_hash", "stats", "warm"]

@@ -140,6 +140,15 @@ def _read_entry_file(path: Path, touch: bool) -> bytes:
         os.close(fd)
 
 
+def decode_verified(data: bytes, key: str) -> tuple[dict, bytes]:
+    """decode_entry, and the header's key inputs must hash to `key`: for bytes that come
+    from elsewhere (a peer, a bundle), so an entry cannot claim a key it was not made for."""
+    header, payload = decode_entry(data, key)
+    if cache_key(header.get("inputs", {})) != key:
+        raise CorruptEntry("its key inputs do not hash to its key")
+    return header, payload
+
+
 _HOST = socket.gethostname().replace(".", "_")
 
 

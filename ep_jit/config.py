@@ -178,6 +178,25 @@ def lock_root() -> Path:
     return explicit if explicit is not None else Path(tempfile.gettempdir()) / f"ep_jit-{os.getuid()}" / "locks"
 
 
+def shared_cache_roots() -> tuple[Path, ...]:
+    """$EP_JIT_SHARED_CACHE_DIR: ':'-separated read-only cache roots, searched in order."""
+    raw = _env("EP_JIT_SHARED_CACHE_DIR")
+    if raw is None:
+        return ()
+    roots = tuple(Path(p).expanduser().absolute() for p in raw.split(":") if p)
+    if not roots:
+        raise ConfigError(f"EP_JIT_SHARED_CACHE_DIR: expected ':'-separated folders, got {raw!r}")
+    return roots
+
+
+def require_warm() -> bool:
+    """EP_JIT_REQUIRE_WARM=1: a kernel missing from every tier is an error, never a compile."""
+    raw = _env("EP_JIT_REQUIRE_WARM")
+    if raw not in (None, "0", "1"):
+        raise ConfigError(f"EP_JIT_REQUIRE_WARM: expected 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
 def template_dir_override() -> Path | None:
     return get("EP_JIT_TEMPLATE_DIR")
 

@@ -27,3 +27,15 @@ class CompileError(EPJitError):
 
 class PeerTimeout(EPJitError):
     """A peer did not reach a phase in time; the Buffer cannot be used any more."""
+
+
+class NotWarmError(EPJitError):
+    """EP_JIT_REQUIRE_WARM=1 and a kernel is in no cache tier; nothing was compiled."""
+
+
+class CudaVersionError(EPJitError):
+    """The CUDA driver cannot load the cubins this NVRTC makes."""
+
+
+class GroupWarmError(EPJitError):
+    """A member of the group could not take part in a collective warm; every member raises it."""

@@ -1,10 +1,11 @@
-"""get_kernel(spec): the three tiers, memory -> disk -> NVRTC.
+"""get_kernel(spec): the tiers, memory -> local disk -> shared read-only tiers -> NVRTC.
 
 The memory tier is a dict keyed by the frozen spec, so a hit costs one hash and no
 file or key work. A miss renders the source, computes the key, reads the verified
-disk entry, and otherwise compiles under the key's lock and publishes the entry.
-Compile failures are remembered in memory and on disk, so later calls and other
-ranks fail fast with the same NVRTC log.
+local entry, then the shared tiers (a hit there is copied into the local cache), and
+otherwise compiles under the key's lock and publishes the entry. Compile failures are
+remembered in memory and on disk, so later calls and other ranks fail fast with the
+same NVRTC log. With EP_JIT_REQUIRE_WARM=1 a miss in every tier raises instead.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from . import __version__, config
 from .cache import CacheWriteError, DiskCache, Entry, cache_key, key_inputs
 from .compiler import Source, compile_source, nvrtc_version, render
 from .config import log
-from .errors import CompileError
+from .errors import CompileError, NotWarmError
+from .shared import read_shared
 from .spec import KernelSpec
 
-Tier = Literal["memory", "disk", "compiled"]
+# "peer": the entry came from another member of the group (ep_jit.warm)
+Tier = Literal["memory", "disk", "shared", "peer", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class KernelBinary:
 class Stats:
     memory_hits: int = 0
     disk_hits: int = 0
+    shared_hits: int = 0
+    peer_hits: int = 0
     compiles: int = 0
     compile_failures: int = 0
     compile_seconds: float = 0.0
@@ -51,6 +56,7 @@ class Stats:
 
 
 _stats = Stats()
+_HIT_COUNTERS = {"disk": "disk_hits", "shared": "shared_hits", "peer": "peer_hits"}
 _memory: dict[KernelSpec, KernelBinary] = {}
 _failures: dict[KernelSpec, CompileError] = {}
 _mutex = threading.Lock()
@@ -84,12 +90,11 @@ def get_kernel(spec: KernelSpec) -> KernelBinary:
 
 
 def resolve(spec: KernelSpec, cache: DiskCache | None = None, *,
-            must_publish: bool = False) -> tuple[KernelBinary, Tier]:
+            require_warm: bool | None = None, must_publish: bool = False) -> tuple[KernelBinary, Tier]:
     """get_kernel's slow path, also saying which tier answered (ep-jit-warm reports it).
-
-    A kernel that compiled but could not be written to the cache is still returned, with
-    one warning per cache root, unless `must_publish` (then CacheWriteError is raised).
-    """
+    `require_warm`: refuse to compile (default: EP_JIT_REQUIRE_WARM). A kernel that
+    compiled but could not be written to the cache is still returned, with one warning
+    per cache root, unless `must_publish` (then CacheWriteError is raised)."""
     with _mutex:
         if spec in _memory:
             _stats.memory_hits += 1
@@ -98,16 +103,32 @@ def resolve(spec: KernelSpec, cache: DiskCache | None = None, *,
             raise _failures[spec]
         config.check_environment()
         cache = cache or DiskCache()
-        try:
-            if config.always_compile():
-                binary, tier = _compile_and_publish(*_keyed(spec), None, must_publish), "compiled"
-            else:
-                binary, tier = _from_disk_or_compile(spec, cache, must_publish)
-        except CompileError as exc:
-            _failures[spec] = exc
-            raise
-        _memory[spec] = binary
-        return binary, tier
+        if config.always_compile():
+            entry, tier = _compile_and_publish(*_keyed(spec), None, must_publish), "compiled"
+        else:
+            entry, tier = fetch_or_build(spec, cache, require_warm=require_warm, must_publish=must_publish)
+        return _install(spec, entry, tier), tier
+
+
+def cached(spec: KernelSpec) -> KernelBinary | None:
+    """The memory tier's binary for `spec`, if any (counts no hit)."""
+    return _memory.get(spec)
+
+
+def install(spec: KernelSpec, entry: Entry, tier: Tier) -> KernelBinary:
+    """Put a verified entry into the memory tier; a failed compile's entry raises its CompileError."""
+    with _mutex:
+        return _install(spec, entry, tier)
+
+
+def _install(spec: KernelSpec, entry: Entry, tier: Tier) -> KernelBinary:
+    if entry.failed:
+        exc = _failures[spec] = remembered_failure(spec, entry)
+        raise exc
+    if tier in _HIT_COUNTERS:
+        setattr(_stats, _HIT_COUNTERS[tier], getattr(_stats, _HIT_COUNTERS[tier]) + 1)
+    binary = _memory[spec] = KernelBinary(spec, entry.key, entry.payload, entry.header["lowered_names"])
+    return binary
 
 
 def _keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
@@ -116,34 +137,78 @@ def _keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
     return source, inputs, cache_key(inputs)
 
 
+def spec_inputs(spec: KernelSpec) -> tuple[dict, str]:
+    """The key inputs of `spec` and the key they hash to: renders and hashes, reads and writes nothing."""
+    return _keyed(spec)[1:]
+
+
 def spec_key(spec: KernelSpec) -> str:
     """The cache key of `spec`: renders and hashes, reads and writes nothing."""
     return _keyed(spec)[2]
 
 
 def lookup(spec: KernelSpec, cache: DiskCache) -> tuple[str, Entry | None]:
-    """The spec's key and its verified disk entry, if any. Compiles nothing."""
+    """The spec's key and its verified local disk entry, if any. Compiles nothing."""
     key = spec_key(spec)
     return key, _read(cache, key)
 
 
-def _from_disk_or_compile(spec: KernelSpec, cache: DiskCache, must_publish: bool) -> tuple[KernelBinary, Tier]:
-    source, inputs, key = _keyed(spec)
+def find(key: str, cache: DiskCache) -> tuple[Entry, Tier] | None:
+    """The verified entry for `key` from the local disk or, copied into it, a shared tier."""
     entry = _read(cache, key)
-    if entry is None:
+    if entry is not None:
+        return entry, "disk"
+    start = time.perf_counter()
+    shared = read_shared(key)
+    _stats.load_seconds += time.perf_counter() - start
+    if shared is None:
+        return None
+    return publish(cache, key, shared.header, shared.payload), "shared"
+
+
+def publish(cache: DiskCache | None, key: str, header: dict, payload: bytes, must_publish: bool = False) -> Entry:
+    """Write a verified entry into the local cache. A cache that cannot be written costs
+    the disk tier, not the kernel (unless `must_publish`); None: the disk tier is bypassed
+    (EP_JIT_ALWAYS_COMPILE)."""
+    path = None
+    if cache is not None:
+        try:
+            path = cache.write(key, header, payload)
+        except CacheWriteError as exc:
+            if must_publish:
+                raise
+            if str(cache.root) not in _unwritable:
+                _unwritable.add(str(cache.root))
+                log.warning("the kernel cache %s cannot be written (%s); kernels are kept in memory only",
+                            cache.root, exc)
+    return Entry(key, header, payload, path)
+
+
+def fetch_or_build(spec: KernelSpec, cache: DiskCache, *, require_warm: bool | None = None,
+                   must_publish: bool = False) -> tuple[Entry, Tier]:
+    """The spec's entry from the local disk, a shared tier, or NVRTC (then published);
+    a failed compile gives an entry too. Touches neither memory tier nor failure memory."""
+    source, inputs, key = _keyed(spec)
+    found = find(key, cache)
+    if found is None:
+        if config.require_warm() if require_warm is None else require_warm:
+            raise not_warm([spec.describe()], cache)
         with cache.lock(key) as waited:
             _stats.lock_wait_seconds += waited
-            entry = _read(cache, key)  # another process may have built it while we waited
-            if entry is None:
-                return _compile_and_publish(source, inputs, key, cache, must_publish), "compiled"
-    if entry.failed:
-        raise remembered_failure(spec, entry)
-    _stats.disk_hits += 1
-    return KernelBinary(spec, key, entry.payload, entry.header["lowered_names"]), "disk"
+            # another process may have built it while we waited
+            found = find(key, cache) or (_compile_and_publish(source, inputs, key, cache, must_publish), "compiled")
+    return found
+
+
+def not_warm(names: list[str], cache: DiskCache) -> NotWarmError:
+    """The error for specs (their descriptions) that no tier holds under EP_JIT_REQUIRE_WARM=1."""
+    return NotWarmError(f"EP_JIT_REQUIRE_WARM=1 and no cache tier (local {cache.root}, shared "
+                        f"{':'.join(map(str, config.shared_cache_roots())) or 'none'}) holds {'; '.join(names)}; "
+                        f"run ep-jit-warm first (nothing was compiled)")
 
 
 def remembered_failure(spec: KernelSpec, entry: Entry) -> CompileError:
-    return CompileError("NVRTC could not compile this spec (remembered failure)", spec=spec, key=entry.key,
+    return CompileError(f"NVRTC could not compile {spec.describe()}", spec=spec, key=entry.key,
                         log=entry.header.get("log", ""), source=entry.header.get("source", ""))
 
 
@@ -154,23 +219,9 @@ def _read(cache: DiskCache, key: str) -> Entry | None:
     return entry
 
 
-def _publish(cache: DiskCache | None, key: str, header: dict, payload: bytes, must_publish: bool) -> None:
-    """Write the entry; a cache that cannot be written costs the disk tier, not the kernel."""
-    if cache is None:  # EP_JIT_ALWAYS_COMPILE: the disk tier is bypassed
-        return
-    try:
-        cache.write(key, header, payload)
-    except CacheWriteError as exc:
-        if must_publish:
-            raise
-        if str(cache.root) not in _unwritable:
-            _unwritable.add(str(cache.root))
-            log.warning("the kernel cache %s cannot be written (%s); kernels are kept in memory only",
-                        cache.root, exc)
-
-
 def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCache | None,
-                         must_publish: bool) -> KernelBinary:
+                         must_publish: bool = False) -> Entry:
+    """Compile and publish; a failure is published too (status "failed", the NVRTC log)."""
     spec = source.spec
     header = {
         "key": key,
@@ -188,11 +239,9 @@ def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCach
         program = compile_source(source, key)
     except CompileError as exc:
         _stats.compile_failures += 1
-        _publish(cache, key, {**header, "status": "failed", "log": exc.log, "lowered_names": {},
-                              "compile_seconds": time.perf_counter() - start}, b"", must_publish)
-        raise
+        return publish(cache, key, {**header, "status": "failed", "log": exc.log, "lowered_names": {},
+                                    "compile_seconds": time.perf_counter() - start}, b"", must_publish)
     _stats.compiles += 1
     _stats.compile_seconds += program.seconds
-    _publish(cache, key, {**header, "status": "ok", "log": program.log, "lowered_names": program.lowered_names,
-                          "compile_seconds": program.seconds}, program.cubin, must_publish)
-    return KernelBinary(spec, key, program.cubin, program.lowered_names)
+    return publish(cache, key, {**header, "status": "ok", "log": program.log, "lowered_names": program.lowered_names,
+                                "compile_seconds": program.seconds}, program.cubin, must_publish)

@@ -14,6 +14,8 @@ from typing import Iterator
 
 from cuda.bindings import driver
 
+from .compat import check_driver
+from .toolchain import nvrtc_version
 from .errors import EPJitError
 from .kernels import Kernel
 
@@ -34,6 +36,7 @@ def check(result, what: str):
 @functools.cache
 def _init() -> None:
     check(driver.cuInit(0), "cuInit")
+    check_driver(nvrtc_version())  # before any cubin meets the driver
 
 
 @functools.cache

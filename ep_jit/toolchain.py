@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 from cuda.bindings import nvrtc
-from cuda.pathfinder import find_nvidia_header_directory, load_nvidia_dynamic_lib
+from cuda.pathfinder import DynamicLibNotFoundError, find_nvidia_header_directory, load_nvidia_dynamic_lib
 
+from .compat import EXTRAS_HINT
 from .errors import ConfigError
 
 ARCH_PATTERN = re.compile(r"^sm_([0-9]{2,3})([af]?)$")
@@ -29,7 +30,10 @@ def check(result: tuple, what: str) -> tuple:
 
 @functools.cache
 def nvrtc_version() -> str:
-    major, minor = check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    try:
+        major, minor = check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    except DynamicLibNotFoundError as exc:
+        raise ConfigError(f"NVRTC: expected the NVRTC library ({EXTRAS_HINT}), found none: {exc}") from None
     return f"{major}.{minor}"
 
 
@@ -67,10 +71,10 @@ def check_arch(arch: object, name: str = "arch") -> str:
 @functools.cache
 def cuda_include_dirs() -> tuple[str, ...]:
     dirs = []
-    for lib, wheel in (("cudart", "nvidia-cuda-runtime"), ("cccl", "nvidia-cuda-cccl")):
+    for lib in ("cudart", "cccl"):
         found = find_nvidia_header_directory(lib)
         if found is None:
-            raise ConfigError(f"CUDA headers: expected the {lib} headers (pip install {wheel}), found none")
+            raise ConfigError(f"CUDA headers: expected the {lib} headers ({EXTRAS_HINT}), found none")
         dirs.append(str(found))
     return tuple(dirs)
 

@@ -43,7 +43,7 @@ def cache_env(tmp_path, monkeypatch):
     monkeypatch.setenv("EP_JIT_CACHE_DIR", str(root))
     monkeypatch.setenv("EP_JIT_LOCK_DIR", str(tmp_path / "locks"))
     for var in ("EP_JIT_ARCH", "EP_JIT_NVRTC_OPTIONS", "EP_JIT_TEMPLATE_DIR", "EP_JIT_ALLOW_SHARED_CACHE",
-                "EP_JIT_LOCK_TIMEOUT"):
+                "EP_JIT_LOCK_TIMEOUT", "EP_JIT_SHARED_CACHE_DIR", "EP_JIT_REQUIRE_WARM"):
         monkeypatch.delenv(var, raising=False)
     clear_memory_cache()
     yield root
@@ -85,3 +85,21 @@ def run_py(code: str, env: dict | None = None, **kw) -> subprocess.CompletedProc
 def run_cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], env=full_env, capture_output=True, text=True)
+
+
+def spawn_ranks(code: str, world: int, env_for_rank=lambda r: {}, timeout: float = 240) -> list[str]:
+    """Run `code` as `world` processes (argv: rank, world, a free port); their stdouts in rank order."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world), str(port)],
+                              env={**os.environ, "PYTHONPATH": str(REPO), **env_for_rank(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, f"stdout: {out[-1000:]}\nstderr: {err[-3000:]}"
+            outs.append(out)
+    finally:
+        for p in procs:  # a failed rank must not leave the others waiting forever
+            p.kill()
+    return outs

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from test_group import _spawn
+from conftest import spawn_ranks
 
 TORCH_WORKER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
@@ -35,7 +35,7 @@ TORCH_WORKER = textwrap.dedent("""
 
 def test_torch_collectives_over_gloo():
     pytest.importorskip("torch.distributed")
-    for out in _spawn(TORCH_WORKER, 3):
+    for out in spawn_ranks(TORCH_WORKER, 3):
         assert "TORCH COLLECTIVES OK" in out
 
 

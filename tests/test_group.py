@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from conftest import free_port, free_ports, run_py
+from conftest import free_ports, run_py, spawn_ranks
 from ep_jit import GroupInfo, member_hash
 from ep_jit.frameworks import bind_group
 
@@ -68,34 +68,13 @@ TORCH_WORKER = textwrap.dedent("""
 """)
 
 
-def _spawn(code: str, world: int, env_for_rank=lambda r: {}) -> list[str]:
-    import os
-    import subprocess
-    import sys
-    from conftest import REPO
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world), str(port)],
-                              env={**os.environ, "PYTHONPATH": str(REPO), **env_for_rank(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=240)
-            assert p.returncode == 0, f"stdout: {out[-1000:]}\nstderr: {err[-3000:]}"
-            outs.append(out)
-    finally:
-        for p in procs:  # a failed rank must not leave the others waiting forever
-            p.kill()
-    return outs
-
-
 def _lines(out: str, tag: str) -> list[tuple[str, int]]:
     return [(l.split()[1], int(l.split()[2])) for l in out.splitlines() if l.startswith(tag + " ")]
 
 
 def test_torch_gloo_groups():
     pytest.importorskip("torch.distributed")
-    outs = _spawn(TORCH_WORKER, 3)
+    outs = spawn_ranks(TORCH_WORKER, 3)
     for r, out in enumerate(outs):
         assert _lines(out, "WORLD") == [(member_hash([0, 1, 2]), r)]
     assert _lines(outs[1], "SUB") == [(member_hash([1, 2]), 0)]
@@ -129,7 +108,7 @@ def _paddle_env(world: int):
 
 def test_paddle_gloo_groups_hash_like_torch():
     pytest.importorskip("paddle")
-    outs = _spawn(PADDLE_WORKER, 3, _paddle_env(3))
+    outs = spawn_ranks(PADDLE_WORKER, 3, _paddle_env(3))
     for r, out in enumerate(outs):
         assert _lines(out, "WORLD") == [(member_hash([0, 1, 2]), r)]
     assert _lines(outs[1], "SUB") == [(member_hash([1, 2]), 0)]

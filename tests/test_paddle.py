@@ -120,8 +120,9 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.parametrize("world", [3])  # 4 CPU gloo processes time out on 2-core machines
 def test_paddle_gloo_groups(world):
-    from test_group import _lines, _paddle_env, _spawn
-    outs = _spawn(WORKER, world, _paddle_env(world))
+    from conftest import spawn_ranks
+    from test_group import _lines, _paddle_env
+    outs = spawn_ranks(WORKER, world, _paddle_env(world))
     members = list(range(1, world))  # group.ranks comes back ascending
     for r, out in enumerate(outs):
         if r == 0:

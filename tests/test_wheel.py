@@ -26,9 +26,15 @@ def test_wheel_installs_into_fresh_venv_and_compiles(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    # the fresh environment sees only what it installed (a PYTHONPATH to the source tree would
-    # make pip take ep_jit as installed already)
+    # a real install, as the README's first command does: the wheel with the default CUDA extra and its
+    # dependencies from the package index (pip's cache makes it quick). Without PYTHONPATH, which would
+    # show pip the source tree's metadata as an installed ep_jit.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    inst = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{wheel}[cu13]"], capture_output=True, text=True,
+                          env=env)
+    assert inst.returncode == 0, inst.stderr
+    sp = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                        capture_output=True, text=True, check=True).stdout.strip()
     env.update(EP_JIT_CACHE_DIR=str(tmp_path / "cache"), EP_JIT_LOCK_DIR=str(tmp_path / "locks"))
     env.pop("EP_JIT_TEMPLATE_DIR", None)
     # a real install: the wheel plus its dependencies from the package index (pip's cache makes it quick)

@@ -146,11 +146,7 @@ def bind_group(group: Any, device: int | None = None, all_gather: Callable[[Any]
     device = device if device is not None else group_device(group)
     if device is None:
         raise ValueError("device: expected the CUDA device ordinal when group is a GroupInfo, got None")
-    gather = all_gather or object_all_gather(group, info.size)
-    if gather is None:
-        if info.size > 1:
-            raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
-        gather = lambda obj: [obj]  # noqa: E731
+    gather = group_all_gather(group, info.size, all_gather)
     return BoundGroup(info, device, gather, None if isinstance(group, GroupInfo) else framework, group)
 
 
@@ -175,6 +171,18 @@ def object_all_gather(group: Any, size: int) -> Callable[[Any], list] | None:
             return out
         return gather
     return None
+
+
+def group_all_gather(group: Any, size: int, all_gather: Callable[[Any], list] | None = None
+                     ) -> Callable[[Any], list]:
+    """`all_gather` if given, else the group framework's object all-gather; a lone member
+    gathers itself. A GroupInfo of more members needs `all_gather`."""
+    gather = all_gather or object_all_gather(group, size)
+    if gather is not None:
+        return gather
+    if size > 1:
+        raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
+    return lambda obj: [obj]
 
 
 def group_device(group: Any) -> int | None:

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 from typing import Any, Callable, ClassVar, NamedTuple, Protocol
 
 from ..frameworks import Adapter, BoundGroup, TensorView
-from ..jit import get_kernel, record_load
+from ..group_warm import warm
+from ..jit import record_load
 from ..kernels import TEMPLATES
 from ..runtime import Library
 from ..spec import KernelSpec
@@ -42,10 +43,11 @@ class Setup:
 
 def load_kernels(setup: Setup, templates: tuple[str, ...]) -> SimpleNamespace:
     """Every kernel of `templates`, by catalogue name (kernels.send, kernels.pull, ...),
-    from the JIT's tiers, loaded on the Buffer's device."""
+    from the JIT's tiers (each key compiled at most once in the group), loaded on the
+    Buffer's device. Collective."""
     kernels = {}
-    for spec in setup.specs(templates):
-        binary = get_kernel(spec)
+    for binary in warm(setup.specs(templates), setup.bound.info, all_gather=setup.bound.gather):
+        spec = binary.spec
         start = time.perf_counter()
         library = Library(binary.cubin, setup.bound.device, f"{spec.describe()} (key {binary.key[:16]})")
         for kernel in TEMPLATES[spec.template]:
