@@ -14,15 +14,12 @@ from typing import Any, Callable
 from cuda.bindings import driver
 
 from .errors import PeerTimeout
-from .frameworks import Adapter, adapter_for, group_device, object_all_gather, resolve_stream
-from .group import GroupInfo
-from .jit import get_kernel
-from .kernels import MAX_LOCAL_EXPERTS, MAX_RANKS, SIGNATURES, TRANSPORTS, buffer_specs
-from .runtime import Module, check, device_arch, device_attribute, use_device
+from .frameworks import Adapter, TensorView, adapter_for, bind_group, framework_of, resolve_stream, view
+from .kernels.constants import MAX_LOCAL_EXPERTS, MAX_RANKS, SCALE_BLOCK
+from .runtime import check, device_arch, device_attribute, use_device
 from .spec import canonical_dtype
-from .transports import DispatchResult, Handle, Operation
-from .transports.collective import CollectiveTransport, collective_framework
-from .transports.nvlink import NVLinkTransport
+from .transports import DispatchResult, Handle, transport_class
+from .transports.base import Operation, Setup
 
 __all__ = ["Buffer", "DispatchResult", "Handle", "PeerTimeout"]
 
@@ -57,53 +54,31 @@ class Buffer:
         torch or paddle group and that framework's tensors). `timeout_s`: how long a rank
         waits for its peers before PeerTimeout (with "collective", for the count exchange;
         the group's own timeout governs its collectives)."""
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport: expected one of {list(TRANSPORTS)}, got {transport!r}")
-        if transport == "collective":
-            collective_framework(group)
-        self.group = GroupInfo.resolve(group)
-        R = self.group.size
+        transport_type = transport_class(transport)
+        bound = bind_group(group, device, all_gather)
+        self.group, R = bound.info, bound.info.size
         self.hidden, self.num_experts, self.topk, self.transport = hidden, num_experts, topk, transport
         self.max_tokens = _positive("max_tokens_per_rank", max_tokens_per_rank)
         self.dtype = canonical_dtype(dtype)
         _positive("num_experts", num_experts)  # the rest of the shape is checked by KernelSpec
         _positive("num_sms", num_sms)
-        if transport == "nvlink" and num_sms < R + 1:  # the send kernel: R layout blocks beside the staging ones
-            raise ValueError(f"num_sms: expected at least {R + 1} for the NVLink transport over {R} ranks, "
-                             f"got {num_sms}")
+        transport_type.check_setup(group, R, num_sms)
         if R > MAX_RANKS or num_experts // R > MAX_LOCAL_EXPERTS:
             raise ValueError(f"group: expected at most {MAX_RANKS} ranks and {MAX_LOCAL_EXPERTS} experts per rank, "
                              f"got {R} ranks and {num_experts} experts")
-        self.device = device if device is not None else group_device(group)
-        if self.device is None:
-            raise ValueError("device: expected the CUDA device ordinal when group is a GroupInfo, got None")
-        gather = all_gather or object_all_gather(group, R)
-        if gather is None:
-            if R > 1:
-                raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
-            gather = lambda obj: [obj]  # noqa: E731
-        self._check_same_everywhere(gather, dict(members=list(self.group.members), hidden=hidden,
-                                                 num_experts=num_experts, topk=topk, dtype=self.dtype,
-                                                 max_tokens_per_rank=self.max_tokens, num_sms=num_sms,
-                                                 transport=transport))
+        self.device = bound.device
+        self._check_same_everywhere(bound.gather, dict(members=list(self.group.members), hidden=hidden,
+                                                       num_experts=num_experts, topk=topk, dtype=self.dtype,
+                                                       max_tokens_per_rank=self.max_tokens, num_sms=num_sms,
+                                                       transport=transport))
         use_device(self.device)
         sm_count = device_attribute(self.device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         self.num_sms = num_sms
         if num_sms > sm_count:
             raise ValueError(f"num_sms: expected at most the device's {sm_count} SMs, got {num_sms}")
         self.id = next(_ids)
-
-        # every kernel this Buffer will launch: compiled or loaded now, never on a later call
-        specs = buffer_specs(hidden=hidden, num_experts=num_experts, topk=topk, dtype=self.dtype,
-                             members=self.group.members, arch=device_arch(self.device), transport=transport)
-        modules = {s.template: Module(get_kernel(s), self.device, SIGNATURES[s.template]) for s in specs}
-        shape = dict(device=self.device, hidden=hidden, num_experts=num_experts, topk=topk, dtype=self.dtype,
-                     num_sms=num_sms, timeout_s=timeout_s)
-        if transport == "nvlink":
-            self._transport: NVLinkTransport | CollectiveTransport = NVLinkTransport(
-                self.group, modules, max_tokens=self.max_tokens, gather=gather, **shape)
-        else:
-            self._transport = CollectiveTransport(self.group, modules, framework_group=group, **shape)
+        self._transport = transport_type(Setup(bound, hidden, num_experts, topk, self.dtype, self.max_tokens,
+                                               num_sms, timeout_s, device_arch(self.device)))
         self._retained: list[tuple[Any, list]] = []
 
     @property
@@ -123,17 +98,24 @@ class Buffer:
                              f"differ from rank 0 ({ {k: everyone[0][k] for k in differ} } vs "
                              f"{ {k: everyone[r][k] for k in differ for r in ranks[:1]} })")
 
-    def _tensor(self, adapter: Adapter, name: str, t: Any, dtype: str, shape: tuple, framework: str) -> None:
-        if type(t).__module__.split(".")[0] != framework:
+    def _tensor(self, name: str, t: Any, dtype: str, shape: tuple, framework: str, vectors: bool = False,
+                adapter: Adapter | None = None) -> TensorView:
+        """The view of `t` once every check passes. `vectors`: a row tensor the kernels
+        move in 16-byte vectors; it must be 16-byte aligned."""
+        if framework_of(t) != framework:
             raise TypeError(f"{name}: expected a {framework} tensor like x, got {type(t).__module__}.{type(t).__name__}")
-        if adapter.device(t) != self.device:
-            raise ValueError(f"{name}: expected a tensor on cuda:{self.device}, got device {adapter.device(t)}")
-        if adapter.dtype(t) != dtype:
-            raise TypeError(f"{name}: expected dtype {dtype}, got {adapter.dtype(t)}")
-        if adapter.shape(t) != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(adapter.shape(t))}")
-        if not adapter.is_contiguous(t):
+        v = view(t, adapter)
+        if v.device != self.device:
+            raise ValueError(f"{name}: expected a tensor on cuda:{self.device}, got device {v.device}")
+        if v.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype}, got {v.dtype}")
+        if v.shape != shape:
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {list(v.shape)}")
+        if not v.contiguous:
             raise ValueError(f"{name}: expected a contiguous tensor, got strides that are not row-major")
+        if vectors and v.ptr % 16:
+            raise ValueError(f"{name}: expected a 16-byte aligned address, got one with address % 16 = {v.ptr % 16}")
+        return v
 
     def raise_pending(self) -> None:
         """Raise what earlier non-blocking dispatches found on the device: an expert id
@@ -167,13 +149,14 @@ class Buffer:
         T, H, K = shape[0], self.hidden, self.topk
         if T > self.max_tokens:
             raise ValueError(f"x: expected at most max_tokens_per_rank={self.max_tokens} tokens, got {T}")
-        self._tensor(adapter, "x", x, self.dtype, (T, H), fw)
-        self._tensor(adapter, "topk_idx", topk_idx, "int64", (T, K), fw)
-        self._tensor(adapter, "topk_weights", topk_weights, "float32", (T, K), fw)
+        xv = self._tensor("x", x, self.dtype, (T, H), fw, vectors=True, adapter=adapter)
+        idx = self._tensor("topk_idx", topk_idx, "int64", (T, K), fw, adapter=adapter)
+        weights = self._tensor("topk_weights", topk_weights, "float32", (T, K), fw, adapter=adapter)
+        sv = None
         if self.dtype == "fp8_e4m3":
             if scales is None:
-                raise ValueError(f"scales: expected float32 [T, {H // 128}] for fp8 dispatch, got None")
-            self._tensor(adapter, "scales", scales, "float32", (T, H // 128), fw)
+                raise ValueError(f"scales: expected float32 [T, {H // SCALE_BLOCK}] for fp8 dispatch, got None")
+            sv = self._tensor("scales", scales, "float32", (T, H // SCALE_BLOCK), fw, vectors=True, adapter=adapter)
         elif scales is not None:
             raise ValueError("scales: expected None for a bf16 Buffer, got a tensor")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
@@ -181,7 +164,7 @@ class Buffer:
         op = self._operation(stream, adapter)
         self._transport.check_operation(op, capacity)
         use_device(self.device)
-        result, keep = self._transport.dispatch(op, x, topk_idx, topk_weights, scales, T, capacity)
+        result, keep = self._transport.dispatch(op, xv, idx, weights, sv, capacity)
         result.handle.buffer_id = self.id
         self._retain(op.foreign_stream, [x, topk_idx, topk_weights, scales, *keep])
         return result
@@ -216,11 +199,11 @@ class Buffer:
         if adapter.name != handle.framework:
             raise TypeError(f"y: expected a {handle.framework} tensor like the dispatch inputs, got {adapter.name}")
         rows = handle.num_recv if handle.num_recv is not None else handle.capacity
-        self._tensor(adapter, "y", y, "bf16", (rows, self.hidden), adapter.name)
+        yv = self._tensor("y", y, "bf16", (rows, self.hidden), adapter.name, vectors=True, adapter=adapter)
         op = self._operation(stream, adapter)
         use_device(self.device)
-        out, keep = self._transport.combine(op, y, handle, rows)
-        self._retain(op.foreign_stream, [y, handle.token_slot, handle.recv_offsets, handle.send_offsets, *keep])
+        out, keep = self._transport.combine(op, yv, handle, rows)
+        self._retain(op.foreign_stream, [y, handle.token_slot, handle.recv_offsets, handle.transport, *keep])
         return out
 
     # ---- teardown ---------------------------------------------------------------

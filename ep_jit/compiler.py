@@ -18,7 +18,9 @@ from cuda.bindings import nvrtc
 
 from . import config
 from .errors import CompileError, ConfigError
-from .spec import TEMPLATES, KernelSpec
+from .kernels.catalogue import TEMPLATES
+from .kernels.constants import shipped_template_dir
+from .spec import KernelSpec
 from .toolchain import check, cuda_header_versions, cuda_include_dirs, nvrtc_version
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
@@ -35,11 +37,7 @@ def template_dir() -> Path:
         if not explicit.is_dir():
             raise ConfigError(f"EP_JIT_TEMPLATE_DIR: expected a folder, got {explicit}")
         return explicit
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "templates", here.parent / "templates"):
-        if candidate.is_dir():
-            return candidate
-    raise ConfigError(f"templates: expected a templates/ folder in {here} or {here.parent}, found none")
+    return shipped_template_dir()
 
 
 @dataclass(frozen=True)
@@ -102,12 +100,12 @@ def _local_headers(text: str, root: Path) -> dict[str, str]:
 def render(spec: KernelSpec, root: Path | None = None) -> Source:
     """The source, headers, name expressions and options that compile `spec`."""
     root = root or template_dir()
-    template = TEMPLATES[spec.template]
-    text = (root / template.file).read_text()
+    file = TEMPLATES[spec.template][0].file
+    text = (root / file).read_text()
     exprs = spec.name_expressions()
     text += "".join(f"\n// ep_jit instantiates: {e}" for e in exprs) + "\n"
     options = (*BASE_OPTIONS, f"-arch={spec.arch}", *config.extra_nvrtc_options())
-    return Source(spec, template.file, text, _local_headers(text, root), exprs, options)
+    return Source(spec, file, text, _local_headers(text, root), exprs, options)
 
 
 def _fetch(prog, get_size, get, what: str) -> bytes:

@@ -88,15 +88,3 @@ class GroupInfo:
         if me not in members:
             raise ValueError(f"group: this process (global rank {me}) is not a member of {members}")
         return cls(members, members.index(me))
-
-    @classmethod
-    def resolve(cls, group: Any) -> "GroupInfo":
-        """A GroupInfo, a torch group or a paddle group, told apart by their module."""
-        if isinstance(group, GroupInfo):
-            return group
-        module = type(group).__module__
-        if module.startswith("paddle"):
-            return cls.from_paddle(group)
-        if module.startswith("torch"):
-            return cls.from_torch(group)
-        raise TypeError(f"group: expected a GroupInfo, a torch or a paddle process group, got {type(group).__name__}")

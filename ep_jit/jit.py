@@ -34,8 +34,9 @@ class KernelBinary:
     cubin: bytes
     lowered_names: dict[str, str]
 
-    def symbol(self, index: int = 0) -> str:
-        return self.lowered_names[self.spec.name_expressions()[index]]
+    def symbol(self, kernel: str | None = None) -> str:
+        """The mangled name of catalogue kernel `kernel` (default: the template's first)."""
+        return self.lowered_names[self.spec.name_expression(kernel) if kernel else self.spec.name_expressions()[0]]
 
 
 @dataclass

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .kernels import BUFFER_TEMPLATES, MAX_LOCAL_EXPERTS, MAX_RANKS, buffer_specs
+from .kernels.constants import MAX_LOCAL_EXPERTS, MAX_RANKS
 from .spec import FIELD_NAMES, KernelSpec, canonical_dtype
 from .toolchain import check_arch
+from .transports import BUFFER_TEMPLATES, buffer_specs
 
 MAX_SPECS = 100_000  # one run builds at most this many kernels
 MAX_PLAN_BYTES = 2**20

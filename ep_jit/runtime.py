@@ -1,24 +1,21 @@
 """Driver-level runtime: contexts, loading cubins as libraries, and launches.
 
-Kernels are loaded with cuLibraryLoadData (context-independent) and launched in the
-device's primary context, the one PyTorch, CuPy and Paddle use. Each kernel keeps its
-parameter storage, so a launch costs one ctypes initialisation and one cuLaunchKernel.
+Kernels are loaded from plain cubin bytes with cuLibraryLoadData (context-independent)
+and launched in the device's primary context, the one PyTorch, CuPy and Paddle use. A
+kernel's one parameter is its argument struct, so a launch passes a single pointer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-import time
-from typing import Sequence
+from typing import Iterator
 
 from cuda.bindings import driver
 
-from .config import log
 from .errors import EPJitError
-from .jit import KernelBinary, record_load
-
-SHARED_MEMORY_DEFAULT_LIMIT = 48 * 1024
+from .kernels import Kernel
 
 
 class CudaError(EPJitError):
@@ -63,6 +60,19 @@ def quiesce(device: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def setup_stream(what: str) -> Iterator[int]:
+    """A private non-blocking stream for set-up writes, synchronised when the block ends.
+    Plain cuMemset* calls are asynchronous and queue behind the legacy stream's work, so
+    they could land after the memory was shared; this one waits for nobody else's work."""
+    stream = check(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING), f"cuStreamCreate({what})")
+    try:
+        yield int(stream)
+        check(driver.cuStreamSynchronize(stream), f"cuStreamSynchronize({what})")
+    finally:
+        driver.cuStreamDestroy(stream)
+
+
 def mapped_host_memory(nbytes: int, what: str) -> tuple[int, int]:
     """Zeroed pinned host memory that kernels write and the host polls: (host address,
     device address). Free it with cuMemFreeHost."""
@@ -86,77 +96,44 @@ def device_arch(device: int) -> str:
     return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
 
 
-class ArgPack:
-    """Persistent ctypes storage for one kernel's parameters, in cuLaunchKernel's form.
+class Library:
+    """A cubin loaded with cuLibraryLoadData: context-independent, so its kernels run in
+    the primary context the frameworks use. Knows nothing of where the bytes came from."""
 
-    The pointer array is built once; a launch only re-initialises the values, which
-    cuLaunchKernel copies before it returns, so the storage is reused at once.
-    """
+    def __init__(self, cubin: bytes, device: int, what: str) -> None:
+        use_device(device)
+        self.what = what
+        self.library = check(driver.cuLibraryLoadData(cubin, None, None, 0, None, None, 0), f"loading {what}")
 
-    def __init__(self, types: Sequence[type]) -> None:
-        fields = [(f"a{i}", t) for i, t in enumerate(types)]
-        self.storage = type("Params", (ctypes.Structure,), {"_fields_": fields})()
-        base = ctypes.addressof(self.storage)
-        offsets = [getattr(type(self.storage), name).offset for name, _ in fields]
-        self.pointers = (ctypes.c_void_p * len(fields))(*[base + o for o in offsets])
-        self.address = ctypes.addressof(self.pointers)
-
-    def set(self, values: Sequence) -> int:
-        ctypes.Structure.__init__(self.storage, *values)
-        return self.address
+    def kernel(self, symbol: str, declaration: Kernel) -> "LoadedKernel":
+        """The kernel with mangled name `symbol`, launched as `declaration` says."""
+        handle = check(driver.cuLibraryGetKernel(self.library, symbol.encode()), f"cuLibraryGetKernel({symbol})")
+        return LoadedKernel(check(driver.cuKernelGetFunction(handle), "cuKernelGetFunction"), declaration)
 
 
 class LoadedKernel:
-    """One kernel of a loaded library, ready to launch on a stream.
+    """One kernel, ready to launch on a stream with its argument struct."""
 
-    Not for concurrent launches from several threads: the parameter storage is shared
-    (a Buffer's operations are collective and ordered anyway)."""
-
-    def __init__(self, function: driver.CUfunction, name: str, signature: Sequence[type]) -> None:
+    def __init__(self, function: driver.CUfunction, declaration: Kernel) -> None:
         self.function = function
-        self.name = name
-        self._set_args = ArgPack(signature).set
-        self.shared_memory = 0
+        self.declaration = declaration
+        self._args: ctypes.Structure | None = None
+        self._params = (ctypes.c_void_p * 1)()  # cuLaunchKernel's kernelParams: the struct's address
+        self._params_address = ctypes.addressof(self._params)
 
-    def use_shared_memory(self, nbytes: int) -> None:
-        """Dynamic shared memory for every later launch; above 48 KB the kernel is opted in."""
-        if nbytes > SHARED_MEMORY_DEFAULT_LIMIT:
-            check(driver.cuFuncSetAttribute(
-                self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                nbytes), f"opting {self.name} in to {nbytes} bytes of shared memory")
-        self.shared_memory = nbytes
-
-    def launch(self, grid: int, block: int, stream: int, *args) -> None:
-        """Launch with `args` in the kernel's parameter order (ints for pointers)."""
-        err, = _cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, self.shared_memory, stream,
-                               self._set_args(args), 0)
+    def launch(self, stream: int, grid: int, args: ctypes.Structure) -> None:
+        """Launch `grid` blocks of the declared size; `args` is the kernel's struct, which
+        cuLaunchKernel copies before it returns (so the caller may reuse it at once)."""
+        if args is not self._args:
+            if type(args) is not self.declaration.args:
+                raise TypeError(f"{self.declaration.name}: expected {self.declaration.args.__name__}, "
+                                f"got {type(args).__name__}")
+            self._args, self._params[0] = args, ctypes.addressof(args)
+        block = self.declaration.block
+        err, = _cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, 0, stream, self._params_address, 0)
         if err != _SUCCESS:
-            check((err,), f"launching {self.name} (grid {grid}, block {block})")
+            check((err,), f"launching {self.declaration.name} (grid {grid}, block {block})")
 
 
 _cuLaunchKernel = driver.cuLaunchKernel
 _SUCCESS = driver.CUresult.CUDA_SUCCESS
-
-
-class Module:
-    """A KernelBinary loaded into the device's primary context."""
-
-    def __init__(self, binary: KernelBinary, device: int, signatures: Sequence[Sequence[type]]) -> None:
-        """`signatures[i]`: the ctypes types of kernel i's parameters, in order."""
-        use_device(device)
-        start = time.perf_counter()
-        self.binary = binary
-        self.library = check(driver.cuLibraryLoadData(binary.cubin, None, None, 0, None, None, 0),
-                             f"loading {binary.spec.describe()} (key {binary.key[:16]})")
-        self.kernels = []
-        for index in range(len(binary.lowered_names)):
-            name = binary.symbol(index)
-            kernel = check(driver.cuLibraryGetKernel(self.library, name.encode()), f"cuLibraryGetKernel({name})")
-            self.kernels.append(LoadedKernel(check(driver.cuKernelGetFunction(kernel), "cuKernelGetFunction"),
-                                             binary.spec.name_expressions()[index], signatures[index]))
-        seconds = time.perf_counter() - start
-        record_load(seconds)
-        log.debug("loaded %s in %.2f ms", binary.spec.describe(), seconds * 1e3)
-
-    def __getitem__(self, index: int) -> LoadedKernel:
-        return self.kernels[index]

@@ -10,6 +10,8 @@ import re
 from dataclasses import asdict, dataclass
 
 from .group import group_tag
+from .kernels.catalogue import KERNELS, TEMPLATE_PARAMS, TEMPLATES
+from .kernels.constants import SCALE_BLOCK, WARP_SIZE
 from .toolchain import check_arch
 
 # dtype name -> C++ element type
@@ -17,26 +19,7 @@ DTYPES: dict[str, str] = {"bf16": "__nv_bfloat16", "fp8_e4m3": "__nv_fp8_e4m3"}
 DTYPE_ALIASES: dict[str, str] = {"bfloat16": "bf16", "fp8": "fp8_e4m3", "float8_e4m3fn": "fp8_e4m3"}
 
 
-@dataclass(frozen=True)
-class Template:
-    """A CUDA source file under templates/ and the kernels it instantiates."""
-
-    name: str
-    file: str
-    kernels: tuple[str, ...]
-
-
-TEMPLATES: dict[str, Template] = {
-    t.name: t
-    for t in (
-        Template("layout", "layout.cu", ("layout_kernel",)),
-        Template("dispatch", "dispatch.cu", ("send_kernel", "pull_kernel")),
-        Template("combine", "combine.cu", ("combine_kernel",)),
-        Template("collective", "collective.cu", ("count_kernel", "pack_kernel", "unpack_kernel", "sum_kernel")),
-    )
-}
-
-MAX_TOPK = 32  # the kernels give each top-k entry of a row one lane of a warp
+MAX_TOPK = WARP_SIZE  # the kernels give each top-k entry of a row one lane of a warp
 # The names users see for a spec's fields: the same in ep-jit-warm's flags, plans and
 # dry run and in cache-inspect's list and show.
 FIELD_NAMES: dict[str, str] = {"template": "template", "hidden": "hidden", "num_experts": "experts",
@@ -73,8 +56,8 @@ class KernelSpec:
             raise ValueError(f"template: expected one of {sorted(TEMPLATES)}, got {self.template!r}")
         for name in ("hidden", "num_experts", "num_ranks", "topk"):
             _positive_int(name, getattr(self, name))
-        if self.hidden % 128:
-            raise ValueError(f"hidden: expected a multiple of 128, got {self.hidden}")
+        if self.hidden % SCALE_BLOCK:
+            raise ValueError(f"hidden: expected a multiple of {SCALE_BLOCK}, got {self.hidden}")
         if self.num_experts % self.num_ranks:
             raise ValueError(
                 f"num_experts: expected a multiple of num_ranks={self.num_ranks}, got {self.num_experts}")
@@ -92,10 +75,15 @@ class KernelSpec:
             d.pop(k)
         return d
 
+    def name_expression(self, kernel: str) -> str:
+        """The C++ name of the instance of catalogue kernel `kernel` that this spec compiles."""
+        rendered = {"dtype": DTYPES[self.dtype], "member_hash": f"0x{group_tag(self.member_hash):016x}ull"}
+        args = ", ".join(rendered.get(p, str(getattr(self, p))) for p in TEMPLATE_PARAMS)
+        return f"ep_jit::{KERNELS[kernel].symbol}<{args}>"
+
     def name_expressions(self) -> tuple[str, ...]:
-        args = (f"{self.hidden}, {self.num_experts}, {self.num_ranks}, {self.topk}, "
-                f"{DTYPES[self.dtype]}, 0x{group_tag(self.member_hash):016x}ull")
-        return tuple(f"ep_jit::{k}<{args}>" for k in TEMPLATES[self.template].kernels)
+        """Every kernel's instance, in catalogue order."""
+        return tuple(self.name_expression(k.name) for k in TEMPLATES[self.template])
 
     def fields(self) -> dict[str, object]:
         """Every field under the name users see (FIELD_NAMES)."""

@@ -1,20 +1,25 @@
 """Symmetric memory: one cuMemAlloc buffer per rank, opened by every peer through CUDA
 IPC, plus a device-side table of the peers' base addresses.
 
-The byte layout (kernels.SymLayout) is the same on every rank.
+The byte layout (kernels.SymLayout) is the same on every rank. A buffer is zeroed and
+its "consumed" flags posted for sequence 0 before its IPC handle is published, so no
+peer's first write can be wiped. Once exported, it is freed only by a collective close
+or at process exit: after a timeout a slower peer may still be reading or writing it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import secrets
 import weakref
 from typing import Any, Callable
 
 from cuda.bindings import driver
 
 from .group import GroupInfo
-from .kernels import COMBINE_CHUNK_ROWS, NUM_FLAG_KINDS, SymLayout
-from .runtime import check, quiesce, use_device
+from .kernels.args import SymLayout
+from .kernels.constants import COMBINE_CHUNK_ROWS, COMBINE_CONSUMED, NUM_FLAG_KINDS, SCALE_BLOCK, STAGE_CONSUMED
+from .runtime import check, quiesce, setup_stream, use_device
 from .topology import Endpoint, local_endpoint, verify_nvlink_domain
 
 ALIGN = 256
@@ -28,11 +33,12 @@ def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max
         ("counts", num_ranks * (2 + num_experts // num_ranks) * 4),
         ("send_index", num_ranks * max_tokens * 4),
         ("stage_x", max_tokens * hidden * elem_size),
-        ("stage_scales", max_tokens * (hidden // 128) * 4 if elem_size == 1 else 0),
+        ("stage_scales", max_tokens * (hidden // SCALE_BLOCK) * 4 if elem_size == 1 else 0),
         ("stage_idx", max_tokens * topk * 8),
         ("stage_weights", max_tokens * topk * 4),
         ("combine", num_ranks * max_tokens * hidden * 2),
         ("combine_ready", num_ranks * -(-max_tokens // COMBINE_CHUNK_ROWS) * 8),
+        ("combine_dropped", num_ranks * 4),
     ]
     layout, offset = SymLayout(), 0
     for name, size in sizes:
@@ -40,6 +46,11 @@ def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max
         offset += (size + ALIGN - 1) // ALIGN * ALIGN
     layout.max_tokens = max_tokens
     return layout, offset
+
+
+def flag_word(tag: int, nonce: int, seq: int) -> int:
+    """The flag a kernel posts for `seq` (make_flag(flag_identity(TAG, nonce), seq), ep_common.cuh)."""
+    return ((tag & 0xFFFFFFFF00000000) ^ (nonce << 32)) | (seq & 0xFFFFFFFF)
 
 
 def _handle_bytes(handle: driver.CUipcMemHandle) -> bytes:
@@ -55,17 +66,22 @@ def _handle_from(data: bytes) -> driver.CUipcMemHandle:
 class SymmetricBuffer:
     """This rank's buffer and its peers', opened after the NVLink domain is verified.
 
-    `all_gather(obj)` must return every member's `obj` in group-rank order.
+    `all_gather(obj)` must return every member's `obj` in group-rank order. The members
+    agree on a nonce (rank 0's draw), stored in `layout.nonce` and carried in every flag.
     """
 
-    def __init__(self, group: GroupInfo, size: int, device: int, all_gather: Callable[[Any], list]) -> None:
+    def __init__(self, group: GroupInfo, layout: SymLayout, size: int, device: int,
+                 all_gather: Callable[[Any], list]) -> None:
         use_device(device)
-        self.group, self.size, self.device = group, size, device
+        self.group, self.layout, self.size, self.device = group, layout, size, device
+        layout.nonce = all_gather(secrets.randbits(32))[0]
         self.local = check(driver.cuMemAlloc(size), f"cuMemAlloc({size})")
         self._opened: list[int] = []   # peers' buffers, unmapped on close
         self._owned: list[int] = [int(self.local)]  # freed on close
         self._finalizer = weakref.finalize(self, _free, device, self._opened, self._owned)
-        check(driver.cuMemsetD8(self.local, 0, size), "cuMemsetD8")
+        with setup_stream("symmetric buffer") as stream:
+            check(driver.cuMemsetD8Async(self.local, 0, size, stream), "cuMemsetD8Async")
+            self.post_own_flags((STAGE_CONSUMED, COMBINE_CONSUMED), 0, stream)
         me = local_endpoint(group.rank, group.members[group.rank], device)
         mine = {"endpoint": me.__dict__, "handle": _handle_bytes(check(driver.cuIpcGetMemHandle(self.local),
                                                                       "cuIpcGetMemHandle"))}
@@ -88,10 +104,27 @@ class SymmetricBuffer:
         table = (ctypes.c_uint64 * len(bases))(*bases)
         self.peer_table = int(check(driver.cuMemAlloc(ctypes.sizeof(table)), "cuMemAlloc(peer table)"))
         self._owned.append(self.peer_table)
-        check(driver.cuMemcpyHtoD(self.peer_table, table, ctypes.sizeof(table)), "cuMemcpyHtoD(peer table)")
+        with setup_stream("peer table") as stream:
+            check(driver.cuMemcpyHtoDAsync(self.peer_table, table, ctypes.sizeof(table), stream),
+                  "cuMemcpyHtoDAsync(peer table)")
+
+    def post_own_flags(self, kinds: tuple[int, ...], seq: int, stream: int) -> None:
+        """Write, in this rank's own buffer, every peer's flag of each kind as if posted for `seq`."""
+        R, tag = self.group.size, self.group.tag
+        words = (ctypes.c_uint64 * R)(*[flag_word(tag, self.layout.nonce, seq)] * R)
+        for kind in kinds:  # from pageable memory, staged before the call returns
+            check(driver.cuMemcpyHtoDAsync(int(self.local) + self.layout.flags + 8 * kind * R, words,
+                                           ctypes.sizeof(words), stream), "cuMemcpyHtoDAsync(flags)")
 
     def close(self) -> None:
-        """Unmap the peers' buffers and free this one (also at exit and on collection)."""
+        """Unmap the peers' buffers and free this one: only once no peer can still use it
+        (after a collective barrier), or at exit and on collection."""
+        self._finalizer()
+
+    def abandon(self) -> None:
+        """Unmap the peers' buffers and free what only this rank uses, but keep this rank's
+        exported buffer until process exit: a slower peer may still read or write it."""
+        self._owned.remove(int(self.local))
         self._finalizer()
 
 

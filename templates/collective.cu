@@ -17,10 +17,8 @@
 
 namespace ep_jit {
 
-constexpr int kPermuteThreads = 512;
-
 // One meta row: [scales (fp8 only) | top-k ids (int32) | top-k weights], padded to 16
-// bytes. ep_jit/kernels.py meta_row_bytes() computes the same size.
+// bytes. ep_jit/kernels/args.py meta_row_bytes() computes the same size.
 template <int HIDDEN, int TOPK, typename T>
 struct MetaRow {
     static constexpr int kScales = sizeof(T) == 1 ? HIDDEN / kScaleBlock : 0;
@@ -30,11 +28,13 @@ struct MetaRow {
 };
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kPermuteThreads)
-count_kernel(const int* __restrict__ gathered, int rank, int* __restrict__ send_offsets,
-             int* __restrict__ recv_offsets, int* __restrict__ local_expert_counts, int* host, int ticket) {
+__global__ void __launch_bounds__(kCopyThreads) count_kernel(const __grid_constant__ CountArgs a) {
+    const int* __restrict__ gathered = a.gathered;
+    int* __restrict__ send_offsets = a.send_offsets;
+    int* __restrict__ recv_offsets = a.recv_offsets;
+    const int rank = a.rank;
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
-    constexpr int kRow = NUM_RANKS + NUM_EXPERTS + 4;
+    constexpr int kRow = NUM_RANKS + NUM_EXPERTS + kStatusWords;
     if (threadIdx.x == 0) {
         int sent = 0, received = 0;
         for (int r = 0; r < NUM_RANKS; ++r) {
@@ -49,21 +49,27 @@ count_kernel(const int* __restrict__ gathered, int rank, int* __restrict__ send_
     for (int e = threadIdx.x; e < kLocal; e += blockDim.x) {
         int sum = 0;
         for (int r = 0; r < NUM_RANKS; ++r) sum += gathered[r * kRow + NUM_RANKS + rank * kLocal + e];
-        local_expert_counts[e] = sum;
+        a.local_expert_counts[e] = sum;
     }
-    for (int i = threadIdx.x; i < NUM_RANKS * kRow; i += blockDim.x) host[4 + i] = gathered[i];
+    for (int i = threadIdx.x; i < NUM_RANKS * kRow; i += blockDim.x) a.host[4 + i] = gathered[i];
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        *reinterpret_cast<volatile int*>(host) = ticket;
+        *reinterpret_cast<volatile uint32_t*>(a.host) = a.ticket;
     }
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kPermuteThreads)
-pack_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
-            const float* __restrict__ topk_weights, const int* __restrict__ token_slot, int num_tokens,
-            const int* __restrict__ send_offsets, T* __restrict__ send_x, char* __restrict__ send_meta) {
+__global__ void __launch_bounds__(kCopyThreads) pack_kernel(const __grid_constant__ PackArgs a) {
+    const T* __restrict__ x = static_cast<const T*>(a.x);
+    const float* __restrict__ scales = a.scales;
+    const int64_t* __restrict__ topk_idx = a.topk_idx;
+    const float* __restrict__ topk_weights = a.topk_weights;
+    const int* __restrict__ token_slot = a.token_slot;
+    const int* __restrict__ send_offsets = a.send_offsets;
+    T* __restrict__ send_x = static_cast<T*>(a.send_x);
+    char* __restrict__ send_meta = a.send_meta;
+    const int num_tokens = a.num_tokens;
     using Meta = MetaRow<HIDDEN, TOPK, T>;
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
@@ -94,9 +100,12 @@ pack_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kPermuteThreads)
-unpack_kernel(const char* __restrict__ recv_meta, int num_rows, float* __restrict__ recv_scales,
-              int64_t* __restrict__ recv_idx, float* __restrict__ recv_weights) {
+__global__ void __launch_bounds__(kCopyThreads) unpack_kernel(const __grid_constant__ UnpackArgs a) {
+    const char* __restrict__ recv_meta = a.recv_meta;
+    float* __restrict__ recv_scales = a.recv_scales;
+    int64_t* __restrict__ recv_idx = a.recv_idx;
+    float* __restrict__ recv_weights = a.recv_weights;
+    const int num_rows = a.num_rows;
     using Meta = MetaRow<HIDDEN, TOPK, T>;
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
@@ -114,9 +123,12 @@ unpack_kernel(const char* __restrict__ recv_meta, int num_rows, float* __restric
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kPermuteThreads)
-sum_kernel(const __nv_bfloat16* __restrict__ returned, const int* __restrict__ token_slot, int num_tokens,
-           const int* __restrict__ send_offsets, __nv_bfloat16* __restrict__ out) {
+__global__ void __launch_bounds__(kCopyThreads) sum_kernel(const __grid_constant__ SumArgs a) {
+    const __nv_bfloat16* __restrict__ returned = static_cast<const __nv_bfloat16*>(a.returned);
+    const int* __restrict__ token_slot = a.token_slot;
+    const int* __restrict__ send_offsets = a.send_offsets;
+    __nv_bfloat16* __restrict__ out = static_cast<__nv_bfloat16*>(a.out);
+    const int num_tokens = a.num_tokens;
     constexpr int kVecs = HIDDEN * sizeof(__nv_bfloat16) / 16;
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;

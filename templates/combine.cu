@@ -5,7 +5,9 @@
 //   push    on expert rank r: output row j came from source s at slot j - offset[s]; it
 //           is written to s's buffer at combine[r][slot] with 16-byte stores, in chunks of
 //           kCombineChunkRows rows, each flagged in s's combine_ready when in place. Waits
-//           first until every source has reduced the previous combine.
+//           first until every source has reduced the previous combine. Rows that r dropped
+//           for its capacity in dispatch are written as zeros, so they add nothing, and
+//           their number goes to s's combine_dropped[r], which s reports (status word 3).
 //   reduce  on source s: out[t] = sum over r with token_slot[t, r] >= 0 of
 //           combine[r][token_slot[t, r]], accumulated in fp32, once the chunks holding
 //           those rows are flagged. Warps take tokens in order from a queue, so the reduce
@@ -14,7 +16,6 @@
 
 namespace ep_jit {
 
-constexpr int kCombineThreads = 512;
 constexpr int kPushWarps = 12;       // of the block's 16; the pushes are bound by NVLink, not by warps
 constexpr int kTokensPerTake = 4;    // tokens a reducing warp takes from the queue at once
 using bf16 = __nv_bfloat16;
@@ -26,8 +27,8 @@ __device__ __forceinline__ uint64_t* chunk_flag(uint64_t base, const SymLayout& 
 }
 
 // Push this warp's share of the rows: every chunk that holds slots of its source gets its
-// flag, also when the rows are past `total` (dropped by a too-small capacity), so no
-// reducing warp waits for a chunk that never comes.
+// flag. Rows past `total` (dropped by a too-small capacity; y has no row for them) are
+// pushed as zeros, and the chunk's flag also carries the count of its source's dropped rows.
 template <int HIDDEN, int NUM_RANKS>
 __device__ __forceinline__ void push_rows(const bf16* __restrict__ y, const int* offsets, int total,
                                           const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
@@ -36,13 +37,20 @@ __device__ __forceinline__ void push_rows(const bf16* __restrict__ y, const int*
     const PeerChunks<NUM_RANKS, kCombineChunkRows> chunks(offsets, total, rank);
     for (int c = warp; c < chunks.count; c += num_warps) {
         const int dst = chunks.peer(c), begin = chunks.begin(c), end = chunks.end(c);
-        if (begin >= offsets[dst + 1]) continue;
+        const int stop = min(begin + kCombineChunkRows, offsets[dst + 1]);
+        if (begin >= stop) continue;
         int4* to = sym_ptr<int4>(peers[dst], L.combine) +
                    (static_cast<int64_t>(rank) * L.max_tokens + (begin - offsets[dst])) * kVecs;
         for (int j = begin; j < end; ++j, to += kVecs)
             warp_copy(to, reinterpret_cast<const int4*>(y) + static_cast<int64_t>(j) * kVecs, kVecs, lane);
+        for (int j = max(begin, end); j < stop; ++j, to += kVecs)
+            for (int v = lane; v < kVecs; v += kWarpSize) st_stream(to + v, make_int4(0, 0, 0, 0));
         __syncwarp();  // orders every lane's stores before lane 0's release (a fence per lane: 2 % slower)
-        if (lane == 0) st_release_sys(chunk_flag<NUM_RANKS>(peers[dst], L, rank, c / NUM_RANKS), want);
+        if (lane == 0) {
+            if (stop > end)
+                sym_ptr<int>(peers[dst], L.combine_dropped)[rank] = offsets[dst + 1] - max(offsets[dst], total);
+            st_release_sys(chunk_flag<NUM_RANKS>(peers[dst], L, rank, c / NUM_RANKS), want);
+        }
     }
 }
 
@@ -69,15 +77,20 @@ __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, const int*
                 const int r = lane + i * kWarpSize;
                 const int slot = r < NUM_RANKS ? slots[r] : -1;
                 if (slot >= 0 && slot / kCombineChunkRows != seen[i]) {
+                    // exact: a chunk flag is not posted every round, and never ahead of this one
                     arrived = arrived && wait_flag(chunk_flag<NUM_RANKS>(my_base, L, r, slot / kCombineChunkRows),
-                                                   want, timeout_ns, st, kPhaseCombineReduce, r);
+                                                   want, timeout_ns, st, kPhaseCombineReduce, r, true);
                     seen[i] = slot / kCombineChunkRows;
                     waited = true;
                 }
             }
             if (!__all_sync(0xffffffffu, arrived)) return false;
-            // after a new chunk, every lane fences, so none reads its rows before the flag
-            if (__any_sync(0xffffffffu, waited)) asm volatile("fence.acq_rel.sys;" ::: "memory");
+            // after a new chunk, the lanes meet and every lane fences, so none reads rows
+            // before the flag that another lane acquired
+            if (__any_sync(0xffffffffu, waited)) {
+                __syncwarp();
+                asm volatile("fence.acq_rel.sys;" ::: "memory");
+            }
             const int4* from[NUM_RANKS];
 #pragma unroll
             for (int r = 0; r < NUM_RANKS; ++r) {
@@ -91,28 +104,40 @@ __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, const int*
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kCombineThreads)
-combine_kernel(const bf16* __restrict__ y, int num_rows, const int* __restrict__ recv_offsets,
-               bf16* __restrict__ out, const int* __restrict__ token_slot, int num_tokens,
-               const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, uint64_t timeout_ns,
-               Status st, int* counters) {
+__global__ void __launch_bounds__(kCopyThreads) combine_kernel(const __grid_constant__ CombineArgs a) {
     __shared__ int offsets[NUM_RANKS + 1];
+    const SymLayout& L = a.peers.layout;
+    const uint64_t* peers = a.peers.bases;
+    const int rank = a.peers.rank;
+    const uint64_t timeout_ns = a.peers.timeout_ns;
+    Workspace* ws = a.peers.ws;
+    const Status st = status_of(a.peers);
     if (failed(st)) return;
-    const int seq = seqs->combine + 1;
-    const uint64_t want = make_flag(TAG, seq);
-    if (seq > 1 && !block_wait_all<NUM_RANKS>(peers[rank], L, kCombineConsumed, make_flag(TAG, seq - 1),
-                                              timeout_ns, st, kPhaseCombinePush))
+    const uint32_t seq = ws->seqs.combine + 1;
+    const uint64_t id = flag_identity(TAG, L.nonce), want = make_flag(id, seq);
+    if (!block_wait_all<NUM_RANKS>(peers[rank], L, kCombineConsumed, make_flag(id, seq - 1), timeout_ns, st,
+                                   kPhaseCombinePush))
         return;
-    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = recv_offsets[threadIdx.x];
+    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = a.recv_offsets[threadIdx.x];
     __syncthreads();
     const int lane = threadIdx.x % kWarpSize, warp_in_block = threadIdx.x / kWarpSize;
     if (warp_in_block < kPushWarps)
-        push_rows<HIDDEN, NUM_RANKS>(y, offsets, min(offsets[NUM_RANKS], num_rows), peers, L, rank, want,
-                                     blockIdx.x * kPushWarps + warp_in_block, gridDim.x * kPushWarps, lane);
-    reduce_tokens<HIDDEN, NUM_RANKS>(out, token_slot, num_tokens, peers[rank], L, &counters[1], want, timeout_ns,
-                                     st, lane);
-    grid_done_post<NUM_RANKS>(&counters[0], gridDim.x, peers, L, kCombineConsumed, rank, want, &seqs->combine,
-                              seq, &counters[1]);
+        push_rows<HIDDEN, NUM_RANKS>(static_cast<const bf16*>(a.y), offsets, min(offsets[NUM_RANKS], a.num_rows),
+                                     peers, L, rank, want, blockIdx.x * kPushWarps + warp_in_block,
+                                     gridDim.x * kPushWarps, lane);
+    reduce_tokens<HIDDEN, NUM_RANKS>(static_cast<bf16*>(a.out), a.token_slot, a.num_tokens, peers[rank], L,
+                                     &ws->combine_queue, want, timeout_ns, st, lane);
+    if (!last_block_arrives(&ws->combine_done, gridDim.x)) return;
+    ws->combine_queue = 0;
+    // every chunk has been acquired by some block, so what the pushers dropped is in place
+    int* dropped = sym_ptr<int>(peers[rank], L.combine_dropped);
+    int lost = 0;
+    for (int p = 0; p < NUM_RANKS; ++p) {
+        lost += ld_volatile(dropped + p);
+        dropped[p] = 0;  // before the flag below: no peer pushes the next combine until then
+    }
+    if (lost != 0) report(st, 3, lost);
+    if (post_all<NUM_RANKS>(peers, L, kCombineConsumed, rank, want, st)) ws->seqs.combine = seq;
 }
 
 }  // namespace ep_jit

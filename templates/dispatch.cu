@@ -28,25 +28,14 @@
 
 namespace ep_jit {
 
-constexpr int kCopyThreads = 512;
-
-struct Mailbox {          // mapped pinned host memory, one per Buffer
-    int done_ticket;      // written last: the fields below belong to the dispatch with this ticket
-    int recv_total;
-    int recv_from[64];    // tokens received from each source rank
-    int tokens_per_expert[1024];
-    int bad_source;       // sticky until the host clears it: 1 + first source with a bad top-k id
-    int bad_index;        // 1 + flat index of that id in the source's topk_idx
-};
-
 // The count exchange, run by one block: send my counts to every destination and raise
 // its kCountsReady flag, wait for every source's, publish the receive layout.
 template <int NUM_EXPERTS, int NUM_RANKS>
 __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, const int* tokens_per_expert,
                                                 const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
-                                                uint64_t want, int ticket, uint64_t timeout_ns, const Status& st,
+                                                uint64_t want, uint32_t ticket, uint64_t timeout_ns, const Status& st,
                                                 int* recv_offsets, int* local_expert_counts, Mailbox* mailbox) {
-    static_assert(NUM_RANKS <= 64 && NUM_EXPERTS / NUM_RANKS <= 1024, "mailbox too small");
+    static_assert(NUM_RANKS <= kMaxRanks && NUM_EXPERTS / NUM_RANKS <= kMaxLocalExperts, "mailbox too small");
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kRow = 2 + kLocal;  // tokens, per local expert, bad top-k report
     __shared__ int from[NUM_RANKS];
@@ -96,7 +85,7 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence_system();
-        *reinterpret_cast<volatile int*>(&mailbox->done_ticket) = ticket;
+        *reinterpret_cast<volatile uint32_t*>(&mailbox->done_ticket) = ticket;
     }
 }
 
@@ -129,48 +118,51 @@ __device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const floa
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kCopyThreads)
-send_kernel(const T* __restrict__ x, const float* __restrict__ scales, const int64_t* __restrict__ topk_idx,
-            const float* __restrict__ topk_weights, int num_tokens, bool* __restrict__ is_token_in_rank,
-            int* __restrict__ token_slot, int* tokens_per_rank, int* tokens_per_expert,
-            const uint64_t* __restrict__ peers, SymLayout L, int rank, const Sequences* seqs, int ticket,
-            uint64_t timeout_ns, Status st, int* recv_offsets, int* local_expert_counts, Mailbox* mailbox,
-            int* counters /* [0] layout blocks done, [1] staging blocks done */) {
+__global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constant__ SendArgs a) {
     __shared__ bool last;
+    const SymLayout& L = a.peers.layout;
+    const uint64_t* peers = a.peers.bases;
+    const int rank = a.peers.rank, num_tokens = a.num_tokens;
+    const uint64_t timeout_ns = a.peers.timeout_ns;
+    Workspace* ws = a.peers.ws;
+    Mailbox* mailbox = a.peers.mailbox;
+    const Status st = status_of(a.peers);
+    if (blockIdx.x == 0 && threadIdx.x == 0 && a.ticket != 0)
+        *reinterpret_cast<volatile uint32_t*>(&mailbox->started_ticket) = a.ticket;
     if (failed(st)) return;
-    const uint64_t my_base = peers[rank];
-    const int prev_seq = seqs->dispatch;
-    const uint64_t want = make_flag(TAG, prev_seq + 1);
-    if (prev_seq != 0 && !block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(TAG, prev_seq),
-                                                     timeout_ns, st, kPhaseStage))
+    const uint64_t my_base = peers[rank], id = flag_identity(TAG, L.nonce);
+    const uint32_t prev_seq = ws->seqs.dispatch;
+    const uint64_t want = make_flag(id, prev_seq + 1);
+    if (!block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(id, prev_seq), timeout_ns, st, kPhaseStage))
         return;
     if (blockIdx.x < NUM_RANKS) {
         const int dst = blockIdx.x;
         layout_rank<NUM_EXPERTS, NUM_RANKS, TOPK, kCopyThreads>(
-            dst, topk_idx, num_tokens, is_token_in_rank, token_slot, tokens_per_rank, tokens_per_expert,
+            dst, a.topk_idx, num_tokens, a.is_token_in_rank, a.token_slot, ws->tokens_per_rank, ws->tokens_per_expert,
             sym_ptr<int>(my_base, L.send_index) + static_cast<int64_t>(dst) * L.max_tokens, st);
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence_system();  // this block's send list, visible to peers before the exchange's flags
-            last = atomicAdd(&counters[0], 1) == NUM_RANKS - 1;
-            if (last) counters[0] = 0;
+            last = atomicAdd(&ws->layout_done, 1) == NUM_RANKS - 1;
+            if (last) {
+                ws->layout_done = 0;
+                __threadfence();  // the other layout blocks' counts, visible to every thread of this one
+            }
         }
         __syncthreads();
         if (last)
-            exchange_counts<NUM_EXPERTS, NUM_RANKS>(tokens_per_rank, tokens_per_expert, peers, L, rank, want, ticket,
-                                                    timeout_ns, st, recv_offsets, local_expert_counts, mailbox);
+            exchange_counts<NUM_EXPERTS, NUM_RANKS>(ws->tokens_per_rank, ws->tokens_per_expert, peers, L, rank, want,
+                                                    a.ticket, timeout_ns, st, a.recv_offsets, a.local_expert_counts,
+                                                    mailbox);
         return;
     }
-    stage_tokens<HIDDEN, TOPK, T>(x, scales, topk_idx, topk_weights, num_tokens, my_base, L, NUM_RANKS);
-    grid_done_post<NUM_RANKS>(&counters[1], gridDim.x - NUM_RANKS, peers, L, kStageReady, rank, want, nullptr, 0);
+    stage_tokens<HIDDEN, TOPK, T>(static_cast<const T*>(a.x), a.scales, a.topk_idx, a.topk_weights, num_tokens,
+                                  my_base, L, NUM_RANKS);
+    grid_done_post<NUM_RANKS>(&ws->stage_done, gridDim.x - NUM_RANKS, peers, L, kStageReady, rank, want, st);
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kCopyThreads)
-pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __restrict__ recv_idx,
-            float* __restrict__ recv_weights, int capacity, const int* __restrict__ recv_offsets,
-            const uint64_t* __restrict__ peers, SymLayout L, int rank, Sequences* seqs, uint64_t timeout_ns,
-            Status st, int* counter) {
+__global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constant__ PullArgs a) {
     constexpr bool kFp8 = sizeof(T) == 1;
     constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kScales = HIDDEN / kScaleBlock;
@@ -178,11 +170,21 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
     constexpr int kScalesPerLane = kFp8 ? (kScales + kWarpSize - 1) / kWarpSize : 1;
     static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
     __shared__ int offsets[NUM_RANKS + 1];
+    const SymLayout& L = a.peers.layout;
+    const uint64_t* peers = a.peers.bases;
+    const int rank = a.peers.rank, capacity = a.capacity;
+    Workspace* ws = a.peers.ws;
+    T* __restrict__ recv_x = static_cast<T*>(a.recv_x);
+    float* __restrict__ recv_scales = a.recv_scales;
+    int64_t* __restrict__ recv_idx = a.recv_idx;
+    float* __restrict__ recv_weights = a.recv_weights;
+    const Status st = status_of(a.peers);
     if (failed(st)) return;  // the count exchange failed: nothing valid to pull
-    const int seq = seqs->dispatch + 1;
-    if (!block_wait_all<NUM_RANKS>(peers[rank], L, kStageReady, make_flag(TAG, seq), timeout_ns, st, kPhasePull))
+    const uint32_t seq = ws->seqs.dispatch + 1;
+    const uint64_t want = make_flag(flag_identity(TAG, L.nonce), seq);
+    if (!block_wait_all<NUM_RANKS>(peers[rank], L, kStageReady, want, a.peers.timeout_ns, st, kPhasePull))
         return;
-    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = capacity < 0 ? 0 : recv_offsets[threadIdx.x];
+    if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = capacity < 0 ? 0 : a.recv_offsets[threadIdx.x];
     __syncthreads();
     if (blockIdx.x == 0 && threadIdx.x == 0 && offsets[NUM_RANKS] > capacity && capacity >= 0)
         report(st, 2, offsets[NUM_RANKS]);  // rows that did not fit
@@ -237,8 +239,8 @@ pull_kernel(T* __restrict__ recv_x, float* __restrict__ recv_scales, int64_t* __
         recv_idx[i] = -1;
         recv_weights[i] = 0.0f;
     }
-    grid_done_post<NUM_RANKS>(counter, gridDim.x, peers, L, kStageConsumed, rank, make_flag(TAG, seq),
-                              &seqs->dispatch, seq);
+    grid_done_post<NUM_RANKS>(&ws->pull_done, gridDim.x, peers, L, kStageConsumed, rank, want, st, &ws->seqs.dispatch,
+                              seq);
 }
 
 }  // namespace ep_jit

@@ -4,17 +4,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
-#include <cuda/std/cstdint>
+
+#include "ep_args.cuh"
 
 namespace ep_jit {
-
-using cuda::std::int32_t;
-using cuda::std::int64_t;
-using cuda::std::uint32_t;
-using cuda::std::uint64_t;
-
-constexpr int kWarpSize = 32;
-constexpr int kScaleBlock = 128;  // fp8 rows carry one fp32 scale per 128 elements
 
 // ---- 16-byte vectors -------------------------------------------------------
 
@@ -49,13 +42,16 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n_vec,
 }
 
 // ---- system-scope flags ----------------------------------------------------
-// A flag word holds the group tag's high 32 bits and a sequence number in the low 32,
-// so a kernel of another group never mistakes a stale word for its own, and an older
-// round's word stays below the sequence a wait asks for.
+// A flag word holds an identity in its high 32 bits (the group tag's high half mixed
+// with the Buffer's nonce, so neither a kernel of another group nor a stale word of an
+// earlier Buffer of this group matches) and a sequence number in the low 32. Sequences
+// are unsigned and wrap; every comparison of two of them is modulo 2^32.
 
-__device__ __forceinline__ uint64_t make_flag(uint64_t tag, uint32_t seq) {
-    return (tag & 0xffffffff00000000ull) | seq;
+__device__ __forceinline__ uint64_t flag_identity(uint64_t tag, uint32_t nonce) {
+    return (tag & 0xffffffff00000000ull) ^ (static_cast<uint64_t>(nonce) << 32);
 }
+
+__device__ __forceinline__ uint64_t make_flag(uint64_t identity, uint32_t seq) { return identity | seq; }
 
 __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
@@ -75,16 +71,9 @@ __device__ __forceinline__ uint64_t global_time_ns() {
 
 __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 
-// Status words. Kernels read the device copy (cheap); the first writer of a word also
-// stores it into the host copy (mapped pinned memory), which the host polls. Reading
-// mapped host memory from every warp would serialise on the bus, so kernels never do.
-//   [0] error: 0, or phase << 16 | (peer + 1) when a wait timed out
-//   [1] 1 + flat index of the first top-k id outside [-1, E), else 0
-//   [2] received rows when they exceeded the non-blocking capacity, else 0
-struct Status {
-    int* device;
-    int* host;
-};
+// Kernels read the device copy of the status words; reading mapped host memory from every
+// warp would serialise on the bus, so only the first writer of a word also stores it there.
+__device__ __forceinline__ Status status_of(const Peers& p) { return Status{p.ws->status, p.mailbox->status}; }
 
 __device__ __forceinline__ bool failed(const Status& st) { return ld_volatile(st.device) != 0; }
 
@@ -99,10 +88,14 @@ __device__ __forceinline__ void raise_error(const Status& st, int phase, int pee
     report(st, 0, (phase << 16) | (peer + 1));
 }
 
-// A flag has reached `want` when it carries the same group tag and the same or a later
-// sequence: a peer may already be a round ahead (a combine that needs no rows from this
-// rank finishes without waiting for it), and its flags only move forward.
-__device__ __forceinline__ bool flag_reached(uint64_t flag, uint64_t want) {
+// A flag has reached `want` when it carries the same identity and the same or a later
+// sequence (modulo 2^32): a peer may already be a round ahead (a combine that needs no
+// rows from this rank finishes without waiting for it), and its flags only move forward.
+// Flags that every peer posts every round stay within a few rounds of each other, far
+// inside the 2^31 window. With `exact`, only `want` itself counts: for flags that are not
+// posted every round and can never be ahead (combine's chunk flags).
+__device__ __forceinline__ bool flag_reached(uint64_t flag, uint64_t want, bool exact) {
+    if (exact) return flag == want;
     const int32_t ahead = static_cast<int32_t>(static_cast<uint32_t>(flag) - static_cast<uint32_t>(want));
     return (flag >> 32) == (want >> 32) && ahead >= 0;
 }
@@ -110,9 +103,9 @@ __device__ __forceinline__ bool flag_reached(uint64_t flag, uint64_t want) {
 // Spin until *p has reached want. Gives up when the deadline passes or another wait has
 // already failed, so a dead peer becomes an error on the host instead of a hang.
 __device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint64_t timeout_ns, const Status& st,
-                                          int phase, int peer) {
+                                          int phase, int peer, bool exact = false) {
     const uint64_t deadline = global_time_ns() + timeout_ns;
-    while (!flag_reached(ld_acquire_sys(p), want)) {
+    while (!flag_reached(ld_acquire_sys(p), want, exact)) {
         if (failed(st)) return false;
         if (global_time_ns() > deadline) {
             raise_error(st, phase, peer);
@@ -124,46 +117,6 @@ __device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint
 }
 
 // ---- the symmetric buffer ---------------------------------------------------
-// Every rank's buffer has the same layout; the host computes the byte offsets
-// (ep_jit/symmetric.py) and passes them by value.
-
-struct SymLayout {
-    long long flags;         // uint64 [kNumFlagKinds][R]: slot [kind][p] is written by peer p
-    long long counts;        // int [R][2 + E/R]: from source p: tokens for me, per local expert, bad id
-    long long send_index;    // int [R][max_tokens]: for destination r, slot -> my token index
-    long long stage_x;       // T [max_tokens][H]: my tokens, staged for peers to pull
-    long long stage_scales;  // float [max_tokens][H/128] (fp8 only)
-    long long stage_idx;     // int64 [max_tokens][K]
-    long long stage_weights; // float [max_tokens][K]
-    long long combine;       // bf16 [R][max_tokens][H]: rows expert rank p pushed back for my tokens
-    long long combine_ready; // uint64 [R][max_tokens / kCombineChunkRows, rounded up]: [p][k] says rows
-                             // [k, k + 1) * kCombineChunkRows of p's pushes to me are in place (combine seq)
-    int max_tokens;
-};
-
-// Combine pushes rows in chunks of this many and flags each chunk, so the reduce can
-// start on the first tokens while later ones are still on their way.
-constexpr int kCombineChunkRows = 8;
-
-enum FlagKind : int {
-    kCountsReady = 0,     // p has staged its tokens and sent me its counts (dispatch seq)
-    kStageConsumed = 1,   // p has pulled everything it needs from my stage (dispatch seq)
-    kCombineConsumed = 2, // p has reduced what I pushed to it (combine seq)
-    kStageReady = 3,      // p has staged its tokens for this dispatch (dispatch seq)
-    kNumFlagKinds = 4,
-};
-
-// Sequence numbers live on the device, so a captured CUDA graph replays with fresh
-// ones: an operation uses last + 1 and its final kernel stores it back when done.
-// Dispatches and combines count separately (their flags are separate kinds).
-struct Sequences {
-    int dispatch;  // last completed dispatch
-    int combine;   // last completed combine
-};
-
-enum Phase : int {
-    kPhaseStage = 1, kPhaseNotify = 2, kPhaseCombinePush = 3, kPhaseCombineReduce = 4, kPhasePull = 5
-};
 
 template <typename U>
 __device__ __forceinline__ U* sym_ptr(uint64_t base, long long offset) {
@@ -176,34 +129,47 @@ __device__ __forceinline__ uint64_t* flag_slot(uint64_t base, const SymLayout& L
 }
 
 // Threads 0..R-1 of the block each wait for one peer's flag in this rank's buffer.
-// Returns false (uniformly across the block) if any wait failed.
+// Returns false if any wait failed, decided once for the whole block so it leaves together.
 template <int NUM_RANKS>
 __device__ __forceinline__ bool block_wait_all(uint64_t my_base, const SymLayout& L, int kind, uint64_t want,
                                                uint64_t timeout_ns, const Status& st, int phase) {
+    bool ok = true;
     if (threadIdx.x < NUM_RANKS)
-        wait_flag(flag_slot(my_base, L, kind, threadIdx.x, NUM_RANKS), want, timeout_ns, st, phase, threadIdx.x);
-    __syncthreads();
-    return !failed(st);
+        ok = wait_flag(flag_slot(my_base, L, kind, threadIdx.x, NUM_RANKS), want, timeout_ns, st, phase, threadIdx.x);
+    return !__syncthreads_or(!ok || failed(st));
 }
 
-// The last of `num_blocks` blocks to get here posts `want` into slot [kind][rank] of every
-// peer, then records `seq` as done in *done (if given) and zeroes the kernel's work queue
-// counter (if given). Each block fences its own writes first, so they are visible before the flag.
+// True on thread 0 of the last of `num_blocks` blocks to get here, which also resets the
+// counter. Each block fences its own writes first, and the last one fences after it has
+// seen every arrival, so what every block wrote is visible to what the last one does next.
+__device__ __forceinline__ bool last_block_arrives(int* counter, int num_blocks) {
+    __syncthreads();
+    if (threadIdx.x != 0) return false;
+    __threadfence_system();
+    if (atomicAdd(counter, 1) != num_blocks - 1) return false;
+    *counter = 0;
+    __threadfence_system();
+    return true;
+}
+
+// Post `want` into slot [kind][rank] of every peer, unless a wait of this operation has
+// failed: a peer must never take a broken round for a finished one.
+template <int NUM_RANKS>
+__device__ __forceinline__ bool post_all(const uint64_t* peers, const SymLayout& L, int kind, int rank, uint64_t want,
+                                         const Status& st) {
+    if (failed(st)) return false;
+    for (int p = 0; p < NUM_RANKS; ++p) st_release_sys(flag_slot(peers[p], L, kind, rank, NUM_RANKS), want);
+    return true;
+}
+
+// The last block posts `want` to every peer and records `seq` as done in *done (if given).
 template <int NUM_RANKS>
 __device__ __forceinline__ void grid_done_post(int* counter, int num_blocks, const uint64_t* peers,
-                                               const SymLayout& L, int kind, int rank, uint64_t want, int* done,
-                                               int seq, int* queue = nullptr) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        if (atomicAdd(counter, 1) == num_blocks - 1) {
-            *counter = 0;
-            if (queue != nullptr) *queue = 0;
-            __threadfence_system();
-            for (int p = 0; p < NUM_RANKS; ++p) st_release_sys(flag_slot(peers[p], L, kind, rank, NUM_RANKS), want);
-            if (done != nullptr) *done = seq;
-        }
-    }
+                                               const SymLayout& L, int kind, int rank, uint64_t want, const Status& st,
+                                               uint32_t* done = nullptr, uint32_t seq = 0) {
+    if (last_block_arrives(counter, num_blocks) && post_all<NUM_RANKS>(peers, L, kind, rank, want, st) &&
+        done != nullptr)
+        *done = seq;
 }
 
 // ---- rows grouped by peer, walked in interleaved chunks ------------------------

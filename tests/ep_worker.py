@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from ep_reference import combine_reference, dispatch_reference, expert_output  # noqa: E402
 
 import ep_jit  # noqa: E402
+import ep_jit.symmetric  # noqa: E402
 from ep_jit.errors import EPJitError, PeerTimeout  # noqa: E402
 
 RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -382,6 +383,203 @@ def suite_cupy() -> int:
         got = torch.from_numpy(cupy.asnumpy(out.view(cupy.int16))).view(torch.bfloat16).float()
         assert bool(((got - want).abs() <= want.abs() * 2.0 ** -7 + 1e-30).all())
     return 2
+
+
+def _run_round(buf, g, rank_y, capacity=None, combines=1):
+    """dispatch + `combines` combines of y = rank_y(recv_x) on the current stream; synchronised."""
+    res = buf.dispatch(*g, capacity=capacity)
+    y = rank_y(res.recv_x)
+    outs = [buf.combine(y, res.handle) for _ in range(combines)]
+    torch.cuda.synchronize()
+    return res, outs
+
+
+def _kept_sum(data, E, capacity, sign):
+    """What this rank's combine must return when receiver r keeps only its first `capacity`
+    rows (all, for None) and sends back sign * x for each: fp32 sums in rank order, as bf16."""
+    refs = [dispatch_reference([d[0] for d in data], [d[1] for d in data], [d[2] for d in data], None, r, WORLD, E)
+            for r in range(WORLD)]
+    T, H = data[RANK][0].shape
+    out = torch.zeros(T, H)
+    lost = 0
+    for r, ref in enumerate(refs):
+        for j, (s, t) in enumerate(ref["origin"]):
+            if s != RANK:
+                continue
+            if capacity is None or j < capacity:
+                out[t] += sign * ref["x"][j].float()
+            else:
+                lost += 1
+    n_here = refs[RANK]["x"].shape[0]
+    return out.to(torch.bfloat16), lost, n_here
+
+
+def pending_messages(buf) -> list[str]:
+    """Every error raise_pending() has to report, one per call, until it has none."""
+    found = []
+    for _ in range(4):
+        try:
+            buf.raise_pending()
+            return found
+        except ValueError as e:
+            found.append(str(e))
+    raise AssertionError(f"raise_pending kept raising: {found}")
+
+
+def suite_capacity_drop() -> int:
+    """A round that sends +x back, then one with a capacity that drops rows and sends -x back:
+    every token gets exactly its kept contributions (never the stale +x), and every rank
+    that lost rows, as receiver or as source, is told."""
+    H, E, K, T = 2048, 4 * WORLD, 2, 64
+    n = 0
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=T, num_sms=8) as buf:
+        for i, capacity in enumerate([4, 0, 1, 37, 3 * T, 4, 9]):
+            data = inputs("masked" if i % 2 else "random", E, K, H, "bf16", T, SEED + 31 * i)
+            if i < 2:  # the 64-token case first
+                data = inputs("full", E, K, H, "bf16", T, SEED + 31 * i)
+            g = [t.to(DEV) if t is not None else None for t in data[RANK][:3]]
+            _, (plus,) = _run_round(buf, g, lambda rx: rx.clone())
+            want, _, _ = _kept_sum(data, E, None, 1.0)
+            assert torch.equal(bits(plus.cpu()), bits(want)), f"capacity {capacity}: the +x round differs"
+            poison()
+            res, (minus,) = _run_round(buf, g, lambda rx: -rx, capacity=capacity)
+            want, lost, n_here = _kept_sum(data, E, capacity, -1.0)
+            got = minus.cpu()
+            bad = int((bits(got) != bits(want)).any(dim=1).sum())
+            assert bad == 0, f"capacity {capacity}: {bad} of {got.shape[0]} tokens differ from their kept contributions"
+            messages = pending_messages(buf)
+            want_msgs = []
+            if n_here > capacity:
+                want_msgs.append(f"capacity: expected at least {n_here} rows")
+            if lost:
+                want_msgs.append(f"{lost} rows of this rank's tokens were dropped there")
+            assert len(messages) == len(want_msgs) and all(w in m for w, m in zip(want_msgs, messages)), \
+                f"capacity {capacity}: raise_pending said {messages}, expected {want_msgs}"
+            check_round(buf, data, E, H, "bf16")  # the next default round is exact
+            n += 3
+    return n
+
+
+def suite_wrap() -> int:
+    """Sequences and the host ticket preset just below 2^31 and 2^32, then 40 rounds back to
+    back (two combines on each handle, both modes) with rank 0 much slower: all exact."""
+    H, E, K, T = 2048, 4 * WORLD, 2, 32
+    datas = [inputs(kind, E, K, H, "bf16", T, SEED + j) for j, kind in enumerate(("random", "masked"))]
+    wants = [_kept_sum(d, E, None, 1.0)[0] for d in datas]
+    n = 0
+    for start in (2**31 - 20, 2**32 - 20):
+        with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=T, num_sms=4, timeout_s=30) as buf:
+            buf._transport.preset_counters(start, start)
+            for i in range(40):
+                data, want = datas[i % 2], wants[i % 2]
+                g = [t.to(DEV) for t in data[RANK][:3]]
+                if RANK == 0:
+                    time.sleep(0.01)
+                    torch.cuda._sleep(2_000_000)
+                _, outs = _run_round(buf, g, lambda rx: rx.clone(), capacity=None if i % 3 else WORLD * T,
+                                     combines=2)
+                for c, out in enumerate(outs):
+                    assert torch.equal(bits(out.cpu()), bits(want)), f"start {start}, round {i}, combine {c} differs"
+                n += 2
+            if start > 2**31:
+                assert buf._transport._tickets < 40, f"the ticket did not wrap: {buf._transport._tickets}"
+    return n
+
+
+def suite_init_race() -> int:
+    """Rank 0's stream is busy when it sets up its symmetric buffer (after the kernels are
+    loaded, which waits for the device); the others dispatch at once."""
+    H, E, K = 2048, 4 * WORLD, 2
+    data = inputs("random", E, K, H, "bf16", 64, SEED)
+    if RANK == 0:
+        setup = ep_jit.symmetric.SymmetricBuffer.__init__
+
+        def busy_then_setup(self, *args, **kwargs):
+            torch.cuda._sleep(4_000_000_000)  # about 2 s on the current stream
+            setup(self, *args, **kwargs)
+        ep_jit.symmetric.SymmetricBuffer.__init__ = busy_then_setup
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=64, num_sms=4, timeout_s=20) as buf:
+        check_round(buf, data, E, H, "bf16")
+    return 1
+
+
+def suite_staggered() -> int:
+    """Staggered starts and a small timeout_s: each rank ends correct or with PeerTimeout, never
+    with a fault (no rank frees memory a peer still uses); a new Buffer then works."""
+    H, E, K, T = 2048, 4 * WORLD, 2, 64
+    data = inputs("random", E, K, H, "bf16", T, SEED)
+    buf = ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=T, num_sms=4, timeout_s=2)
+    dist.barrier()
+    time.sleep(1.5 * RANK)
+    g = [t.to(DEV) for t in data[RANK][:3]]
+    outcome = "correct"
+    try:
+        _, (out,) = _run_round(buf, g, lambda rx: rx.clone())
+        buf.raise_pending()  # a combine that timed out says so here
+        assert torch.equal(bits(out.cpu()), bits(_kept_sum(data, E, None, 1.0)[0])), "combine differs"
+    except PeerTimeout:
+        outcome = "PeerTimeout"
+    print(f"rank {RANK}: {outcome}", flush=True)
+    torch.cuda.synchronize()  # a fault would surface here, sticky, and fail what follows
+    buf.close(wait_for_peers=False)  # the group's last operation did not complete everywhere
+    dist.barrier()
+    with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=T, num_sms=4, timeout_s=30) as fresh:
+        check_round(fresh, data, E, H, "bf16")
+    return 2
+
+
+def suite_alignment() -> int:
+    """Misaligned x, y and scales raise ValueError before any launch; the next round is exact."""
+    H, E, K, T = 2048, 4 * WORLD, 2, 32
+    n = 0
+    for dtype in ("bf16", "fp8_e4m3"):
+        data = inputs("random", E, K, H, dtype, T, SEED + n)
+        with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=T, dtype=dtype, num_sms=4) as buf:
+            x, idx, w, sc = (t.to(DEV) if t is not None else None for t in data[RANK])
+            raw = torch.empty(x.numel() * x.element_size() + 64, dtype=torch.uint8, device=DEV)
+            off = 2 if dtype == "bf16" else 1
+            bad_x = raw[off:off + x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+            bad_x.copy_(x)
+            n += expect(ValueError, f"x: expected a 16-byte aligned address, got one with address % 16 = {off}",
+                        lambda: buf.dispatch(bad_x, idx, w, scales=sc))
+            if sc is not None:
+                rs = torch.empty(sc.numel() + 8, dtype=torch.float32, device=DEV)
+                bad_sc = rs[1:1 + sc.numel()].view(sc.shape)
+                bad_sc.copy_(sc)
+                n += expect(ValueError, "scales: expected a 16-byte aligned address, got one with address % 16 = 4",
+                            lambda: buf.dispatch(x, idx, w, scales=bad_sc))
+            res = buf.dispatch(x, idx, w, scales=sc)
+            y = expert_output(res.recv_x, res.recv_scales, RANK)
+            ry = torch.empty(y.numel() + 8, dtype=torch.bfloat16, device=DEV)
+            bad_y = ry[1:1 + y.numel()].view(y.shape)
+            bad_y.copy_(y)
+            if y.shape[0]:
+                n += expect(ValueError, "y: expected a 16-byte aligned address, got one with address % 16 = 2",
+                            lambda: buf.combine(bad_y, res.handle))
+            buf.combine(y, res.handle)
+            check_round(buf, data, E, H, dtype)
+            n += 1
+    return n
+
+
+def suite_commless() -> int:
+    """No process group: a GroupInfo and an all_gather callable, through the reference checks."""
+    H, E, K = 2048, 8 * WORLD, 2
+
+    def gather(obj):
+        out = [None] * WORLD
+        dist.all_gather_object(out, obj)
+        return out
+
+    info = ep_jit.GroupInfo(members=list(range(WORLD)), rank=RANK)
+    n = 0
+    with ep_jit.Buffer(info, H, E, K, max_tokens_per_rank=128, num_sms=8, device=DEV.index, all_gather=gather) as buf:
+        for i, kind in enumerate(("random", "masked", "zero_on_one")):
+            data = inputs(kind, E, K, H, "bf16", 128, SEED + i)
+            check_round(buf, data, E, H, "bf16")
+            check_round(buf, data, E, H, "bf16", capacity=WORLD * 128)
+            n += 2
+    return n
 
 
 def _cupy_bf16():

@@ -173,7 +173,7 @@ def test_key_changes_with_nvrtc_version(cache_env, monkeypatch):
 
 def test_compile_failure_is_remembered_in_process_and_on_disk(cache_env, template_copy):
     path = template_copy / "layout.cu"
-    path.write_text(path.read_text().replace("blockIdx.x, topk_idx", "broken_here, topk_idx"))
+    path.write_text(path.read_text().replace("blockIdx.x, a.topk_idx", "broken_here, a.topk_idx"))
     spec = layout_spec()
     with pytest.raises(CompileError, match="broken_here"):
         get_kernel(spec)

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, run_cli
 from ep_jit import member_hash
 from ep_jit.cache import _HOST, DiskCache
-from ep_jit.kernels import BUFFER_TEMPLATES
+from ep_jit.transports import BUFFER_TEMPLATES
 
 N_TEMPLATES = len(BUFFER_TEMPLATES)
 
@@ -91,7 +91,7 @@ def test_warm_plan_file_with_explicit_groups(cache_env, tmp_path):
 
 def test_warm_reports_compile_failures(cache_env, template_copy):
     p = template_copy / "layout.cu"
-    p.write_text(p.read_text().replace("blockIdx.x, topk_idx", "nope, topk_idx"))
+    p.write_text(p.read_text().replace("blockIdx.x, a.topk_idx", "nope, a.topk_idx"))
     out = warm("--preset", "tiny", "--json", env={"EP_JIT_TEMPLATE_DIR": str(template_copy)})
     s = json.loads(out.stdout)
     assert out.returncode == 1 and s["failed"] == 1 and "NVRTC could not compile" in s["failures"][0]["error"]
@@ -408,7 +408,7 @@ def test_prune_cleans_left_overs_and_all_empties_quarantine(warmed, tmp_path):
 
 def test_prune_failed_removes_remembered_failures(cache_env, template_copy):
     p = template_copy / "layout.cu"
-    p.write_text(p.read_text().replace("blockIdx.x, topk_idx", "nope, topk_idx"))
+    p.write_text(p.read_text().replace("blockIdx.x, a.topk_idx", "nope, a.topk_idx"))
     env = {"EP_JIT_TEMPLATE_DIR": str(template_copy)}
     assert warm("--preset", "tiny", env=env).returncode == 1
     out = json.loads(inspect("prune", "--failed", "--json", env=env).stdout)

@@ -31,7 +31,7 @@ def test_fp8_dtype_compiles(cache_env):
 
 def test_compile_error_carries_log_spec_and_source(cache_env, template_copy):
     path = template_copy / "layout.cu"
-    path.write_text(path.read_text().replace("blockIdx.x, topk_idx", "undeclared_name, topk_idx"))
+    path.write_text(path.read_text().replace("blockIdx.x, a.topk_idx", "undeclared_name, a.topk_idx"))
     spec = layout_spec()
     src = render(spec)
     with pytest.raises(CompileError) as err:

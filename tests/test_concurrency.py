@@ -9,7 +9,7 @@ import time
 
 from conftest import REPO
 from ep_jit.cache import DiskCache
-from ep_jit.kernels import BUFFER_TEMPLATES
+from ep_jit.transports import BUFFER_TEMPLATES
 
 PLAN = """
 [[job]]

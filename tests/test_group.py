@@ -5,6 +5,7 @@ import pytest
 
 from conftest import free_port, free_ports, run_py
 from ep_jit import GroupInfo, member_hash
+from ep_jit.frameworks import bind_group
 
 
 def test_member_hash_is_sha256_of_canonical_text():
@@ -48,9 +49,9 @@ def test_groupinfo_rejects_bad_input(members, rank, needle):
     assert needle in str(err.value)
 
 
-def test_resolve_rejects_unknown_group_objects():
+def test_binding_rejects_unknown_group_objects():
     with pytest.raises(TypeError, match="group: expected a GroupInfo"):
-        GroupInfo.resolve(object())
+        bind_group(object())
 
 
 TORCH_WORKER = textwrap.dedent("""

@@ -8,7 +8,7 @@ import zipfile
 
 from conftest import REPO
 
-from ep_jit.kernels import BUFFER_TEMPLATES
+from ep_jit.transports import BUFFER_TEMPLATES
 
 
 def test_wheel_installs_into_fresh_venv_and_compiles(tmp_path):

@@ -1,13 +1,17 @@
-"""Framework adapters (torch, cupy, paddle) and the one stream resolver.
+"""Framework adapters (torch, cupy, paddle), the one stream resolver, tensor views and
+group binding.
 
-An adapter is picked from `type(x).__module__`, never from whether `import torch`
-works: Paddle's torch proxy makes `import torch` return Paddle.
+Which framework an object belongs to is decided in one place, `framework_of`, from
+`type(x).__module__`, never from whether `import torch` works: Paddle's torch proxy
+makes `import torch` return Paddle.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+from ..group import GroupInfo
 
 
 # dtype names as numpy-style libraries spell them (cupy with ml_dtypes, paddle) -> ep_jit's names
@@ -44,9 +48,14 @@ _MODULES = {"torch": ("torch", "TorchAdapter"), "cupy": ("cupy", "CupyAdapter"),
 _adapters: dict[str, Adapter] = {}
 
 
+def framework_of(obj: Any) -> str:
+    """The top-level module of obj's type: "torch", "paddle", "cupy", or anything else."""
+    return type(obj).__module__.split(".")[0]
+
+
 def adapter_for(x: Any) -> Adapter:
-    """The adapter of x's framework, chosen by `type(x).__module__`."""
-    module = type(x).__module__.split(".")[0]
+    """The adapter of x's framework."""
+    module = framework_of(x)
     adapter = _adapters.get(module)
     if adapter is None:
         if module not in _MODULES:
@@ -94,11 +103,62 @@ def _others(adapter: Adapter) -> list[Adapter]:
     return found
 
 
+class TensorView(NamedTuple):
+    """What the Buffer's checks and the transports need of a tensor, read once."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: str
+    device: int          # CUDA ordinal, -1 for host memory
+    contiguous: bool
+    framework: str
+    tensor: Any          # the tensor itself, for the framework's own collectives
+
+
+def view(t: Any, adapter: Adapter | None = None) -> TensorView:
+    """The view of any torch, cupy or paddle tensor (TypeError for anything else)."""
+    a = adapter or adapter_for(t)
+    return TensorView(a.pointer(t), a.shape(t), a.dtype(t), a.device(t), a.is_contiguous(t), framework_of(t), t)
+
+
+class BoundGroup(NamedTuple):
+    """A process group as a Buffer uses it."""
+
+    info: GroupInfo
+    device: int
+    gather: Callable[[Any], list]  # obj -> every member's obj, in group-rank order
+    framework: str | None          # "torch" or "paddle" for a framework group, None for a GroupInfo
+    group: Any                     # the caller's group object, whose collectives a transport may use
+
+
+def bind_group(group: Any, device: int | None = None, all_gather: Callable[[Any], list] | None = None) -> BoundGroup:
+    """A torch or paddle process group, or a GroupInfo with `device` and (for more than
+    one member) `all_gather`: its members, this process's device and an object gather."""
+    framework = framework_of(group)
+    if isinstance(group, GroupInfo):
+        info = group
+    elif framework == "torch":
+        info = GroupInfo.from_torch(group)
+    elif framework == "paddle":
+        info = GroupInfo.from_paddle(group)
+    else:
+        raise TypeError(f"group: expected a GroupInfo, a torch or a paddle process group, got {type(group).__name__}")
+    device = device if device is not None else group_device(group)
+    if device is None:
+        raise ValueError("device: expected the CUDA device ordinal when group is a GroupInfo, got None")
+    gather = all_gather or object_all_gather(group, info.size)
+    if gather is None:
+        if info.size > 1:
+            raise ValueError("all_gather: expected a callable when group is a GroupInfo of more than one member")
+        gather = lambda obj: [obj]  # noqa: E731
+    return BoundGroup(info, device, gather, None if isinstance(group, GroupInfo) else framework, group)
+
+
 def object_all_gather(group: Any, size: int) -> Callable[[Any], list] | None:
     """obj -> every member's obj in group-rank order, through the group's framework;
     None for a group object of no framework (a GroupInfo)."""
-    module = type(group).__module__
-    if module.startswith("paddle"):
+    module = framework_of(group)
+    if module == "paddle":
         import paddle.distributed as paddle_dist
 
         def gather(obj: Any) -> list:
@@ -106,7 +166,7 @@ def object_all_gather(group: Any, size: int) -> Callable[[Any], list] | None:
             paddle_dist.all_gather_object(out, obj, group=group)  # appends to the list it is given
             return out[-size:]
         return gather
-    if module.startswith("torch"):
+    if module == "torch":
         import torch.distributed as torch_dist
 
         def gather(obj: Any) -> list:
@@ -119,12 +179,12 @@ def object_all_gather(group: Any, size: int) -> Callable[[Any], list] | None:
 
 def group_device(group: Any) -> int | None:
     """The CUDA device this process uses with the group's framework, if it has one."""
-    module = type(group).__module__
-    if module.startswith("paddle"):
+    module = framework_of(group)
+    if module == "paddle":
         import paddle
         place = paddle.device.get_device()
         return int(place.split(":")[1]) if place.startswith("gpu:") else None
-    if module.startswith("torch"):
+    if module == "torch":
         import torch
         return torch.cuda.current_device() if torch.cuda.is_available() else None
     return None

@@ -1,5 +1,5 @@
-"""How a Buffer moves tokens. Each transport implements dispatch and combine for one
-kind of group; the Buffer checks every argument before a transport sees it.
+"""The transports, by the name `Buffer(transport=...)` takes, and the kernel specs a
+Buffer of each asks for (ep-jit-warm warms the same list).
 
 - nvlink: symmetric memory inside one NVLink domain (verified, never assumed).
 - collective: the group framework's all_to_all (NCCL), for groups that span domains.
@@ -7,75 +7,32 @@ kind of group; the Buffer checks every argument before a transport sees it.
 
 from __future__ import annotations
 
-import ctypes
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Sequence
 
-from ..frameworks import Adapter
+from ..group import member_hash
+from ..spec import KernelSpec
+from .base import DispatchResult, Handle, Transport
+from .collective import CollectiveTransport
+from .nvlink import NVLinkTransport
 
-COPY_THREADS, LAYOUT_THREADS = 512, 256
-
-
-class Operation(NamedTuple):
-    """One dispatch or combine: the tensors' adapter, the stream every step runs on, and
-    that stream again if it is not the framework's current one (else None)."""
-
-    adapter: Adapter
-    stream: int
-    foreign_stream: int | None
-
-    def empty(self, shape: tuple, dtype: str, device: int) -> Any:
-        return self.adapter.empty(shape, dtype, device, self.foreign_stream)
+TRANSPORTS: dict[str, type[Transport]] = {"nvlink": NVLinkTransport, "collective": CollectiveTransport}
+BUFFER_TEMPLATES: tuple[str, ...] = tuple(dict.fromkeys(t for c in TRANSPORTS.values() for t in c.templates))
 
 
-@dataclass
-class Handle:
-    """What combine needs to know about one dispatch."""
-
-    buffer_id: int
-    framework: str
-    num_tokens: int
-    token_slot: Any            # [T, R] int32: slot of token t at rank r, or -1
-    is_token_in_rank: Any      # [T, R] bool
-    recv_offsets: Any          # [R + 1] int32: first received row of each source; [R] is the total
-    num_recv: int | None       # received rows (None in non-blocking mode: read recv_offsets[R])
-    capacity: int              # rows of the receive tensors
-    recv_from: list[int] | None
-    tokens_per_expert_list: list[int] | None
-    send_offsets: Any = None   # collective: [R + 1] int32, first sent row of each destination
-    sent_to: list[int] | None = None  # collective: rows sent to each destination
+def transport_class(name: str) -> type[Transport]:
+    if name not in TRANSPORTS:
+        raise ValueError(f"transport: expected one of {list(TRANSPORTS)}, got {name!r}")
+    return TRANSPORTS[name]
 
 
-class DispatchResult(NamedTuple):
-    recv_x: Any
-    recv_topk_idx: Any
-    recv_topk_weights: Any
-    recv_scales: Any
-    tokens_per_expert: Any
-    handle: Handle
+def buffer_specs(*, hidden: int, num_experts: int, topk: int, dtype: str, members: Sequence[int],
+                 arch: str, transport: str | None = None) -> list[KernelSpec]:
+    """Every spec a Buffer over `members` needs for this model shape, with one transport
+    or (None, for warming ahead of time) with either."""
+    mh = member_hash(members)
+    templates = BUFFER_TEMPLATES if transport is None else transport_class(transport).templates
+    return [KernelSpec(t, hidden, num_experts, len(members), topk, dtype, mh, arch) for t in templates]
 
 
-def bad_topk_message(source: int, flat: int, topk: int, num_experts: int, value: int | None) -> str:
-    """The error every rank raises when rank `source` passed an expert id outside [-1, E)."""
-    where = f"[{flat // topk}, {flat % topk}]"
-    if value is not None:
-        return f"topk_idx: expected ids in [-1, {num_experts}), got {value} at {where}; no token was moved"
-    return (f"topk_idx: expected ids in [-1, {num_experts}), but rank {source} passed an id outside that range at "
-            f"{where} of its topk_idx; no token of this dispatch was moved")
-
-
-def wait_for_ticket(address: int, ticket: int, timeout_s: float, poll: Callable[[], None]) -> bool:
-    """Spin until the int at `address` (mapped host memory a kernel writes last) equals
-    `ticket`, calling `poll` on the way; False when `timeout_s` passes first."""
-    word = ctypes.c_int.from_address(address)
-    deadline = time.monotonic() + timeout_s
-    spins = 0
-    while word.value != ticket:
-        poll()
-        spins += 1
-        if spins > 10000:  # past ~10 ms: check the clock and stop burning the core
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(20e-6)
-    return True
+__all__ = ["BUFFER_TEMPLATES", "TRANSPORTS", "DispatchResult", "Handle", "Transport", "buffer_specs",
+           "transport_class"]

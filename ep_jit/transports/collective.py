@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from cuda.bindings import driver
 
 from ..errors import EPJitError, PeerTimeout
-from ..group import GroupInfo
-from ..kernels import Status, meta_row_bytes
-from ..runtime import Module, check, mapped_host_memory, quiesce
-from . import COPY_THREADS, LAYOUT_THREADS, DispatchResult, Handle, Operation, bad_topk_message, wait_for_ticket
-
-STATUS_WORDS = 4  # the layout kernel's status words end every counts row
+from ..frameworks import framework_of
+from ..kernels.args import CountArgs, LayoutArgs, PackArgs, Status, SumArgs, UnpackArgs, meta_row_bytes
+from ..kernels.constants import SCALE_BLOCK, STATUS_WORDS
+from ..runtime import check, mapped_host_memory, quiesce
+from .base import DispatchResult, Handle, Operation, Setup, bad_topk_message, load_kernels, next_ticket, wait_for_ticket
 
 
 def _free_host(device: int, host: int) -> None:
@@ -31,27 +31,35 @@ def _free_host(device: int, host: int) -> None:
         driver.cuMemFreeHost(host)
 
 
-def collective_framework(group: Any) -> str:
-    """The framework whose collectives serve `group`; checked before any CUDA call."""
-    module = type(group).__module__.split(".")[0]
-    if module not in ("torch", "paddle"):
-        raise TypeError(f"group: expected a torch or paddle process group for transport='collective' (its "
-                        f"all_to_all moves the tokens), got {type(group).__name__}")
-    return module
+@dataclass
+class Sent:
+    """The collective transport's part of a handle: where each destination's rows went."""
+
+    send_offsets: Any      # [R + 1] int32: first sent row of each destination
+    sent_to: list[int]     # rows sent to each destination
 
 
 class CollectiveTransport:
-    def __init__(self, group: GroupInfo, modules: dict[str, Module], *, framework_group: Any, device: int,
-                 hidden: int, num_experts: int, topk: int, dtype: str, num_sms: int, timeout_s: float) -> None:
-        self.framework, self.framework_group = collective_framework(framework_group), framework_group
-        self.group, self.modules, self.device = group, modules, device
-        self.hidden, self.num_experts, self.topk, self.dtype, self.num_sms = hidden, num_experts, topk, dtype, num_sms
-        self.timeout_s = timeout_s
-        self.meta_bytes = meta_row_bytes(hidden, topk, dtype)
-        self.counts_len = group.size + num_experts + STATUS_WORDS
+    templates = ("layout", "collective")
+
+    @staticmethod
+    def check_setup(group: Any, size: int, num_sms: int) -> None:
+        if framework_of(group) not in ("torch", "paddle"):
+            raise TypeError(f"group: expected a torch or paddle process group for transport='collective' (its "
+                            f"all_to_all moves the tokens), got {type(group).__name__}")
+
+    def __init__(self, setup: Setup) -> None:
+        bound = setup.bound
+        self.framework, self.framework_group = bound.framework, bound.group
+        self.group, self.device = bound.info, bound.device
+        self.hidden, self.num_experts, self.topk, self.dtype = setup.hidden, setup.num_experts, setup.topk, setup.dtype
+        self.num_sms, self.timeout_s = setup.num_sms, setup.timeout_s
+        self.kernels = load_kernels(setup, self.templates)
+        self.meta_bytes = meta_row_bytes(self.hidden, self.topk, self.dtype)
+        self.counts_len = self.group.size + self.num_experts + STATUS_WORDS
         # mapped host memory: [0] the ticket of the last count kernel, from [4] every member's counts row
-        self._host, self._host_dev = mapped_host_memory(4 * (4 + group.size * self.counts_len), "counts")
-        self._finalizer = weakref.finalize(self, _free_host, device, self._host)
+        self._host, self._host_dev = mapped_host_memory(4 * (4 + self.group.size * self.counts_len), "counts")
+        self._finalizer = weakref.finalize(self, _free_host, self.device, self._host)
         self._tickets = 0
         self.closed = False
 
@@ -72,27 +80,28 @@ class CollectiveTransport:
 
     # ---- dispatch ---------------------------------------------------------------
 
-    def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any, num_tokens: int,
+    def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any,
                  capacity: int | None) -> tuple[DispatchResult, list]:
-        T, H, K, R, E = num_tokens, self.hidden, self.topk, self.group.size, self.num_experts
-        a, s, dev, rank = op.adapter, op.stream, self.device, self.group.rank
-        p, fp8 = a.pointer, scales is not None
-        layout, count, pack, unpack = self.modules["layout"][0], *self.modules["collective"][:3]
+        (T, H), K, R, E = x.shape, self.topk, self.group.size, self.num_experts
+        a, s, dev, rank, k = op.adapter, op.stream, self.device, self.group.rank, self.kernels
 
-        # counts row: tokens per destination [R], pairs per expert [E], status words [4]
+        # counts row: tokens per destination [R], pairs per expert [E], status words
         counts = op.empty((self.counts_len,), "int32", dev)
         token_slot, in_rank = op.empty((T, R), "int32", dev), op.empty((T, R), "bool", dev)
-        status = p(counts) + 4 * (R + E)
+        status = op.ptr(counts) + 4 * (R + E)
         check(driver.cuMemsetD32Async(status, 0, STATUS_WORDS, s), "cuMemsetD32Async(status)")
-        layout.launch(R, LAYOUT_THREADS, s, p(topk_idx), T, p(in_rank), p(token_slot), p(counts), p(counts) + 4 * R,
-                      Status(status, status))
+        k.layout.launch(s, R, LayoutArgs(topk_idx=topk_idx.ptr, is_token_in_rank=op.ptr(in_rank),
+                                         token_slot=op.ptr(token_slot), tokens_per_rank=op.ptr(counts),
+                                         tokens_per_expert=op.ptr(counts) + 4 * R, status=Status(status, status),
+                                         num_tokens=T))
         gathered = op.empty((R * self.counts_len,), "int32", dev)
         a.all_gather(self.framework_group, gathered, counts, op.foreign_stream)
         send_offsets, recv_offsets = op.empty((R + 1,), "int32", dev), op.empty((R + 1,), "int32", dev)
         expert_counts = op.empty((E // R,), "int32", dev)
-        self._tickets += 1
-        count.launch(1, COPY_THREADS, s, p(gathered), rank, p(send_offsets), p(recv_offsets), p(expert_counts),
-                     self._host_dev, self._tickets)
+        self._tickets = next_ticket(self._tickets)
+        k.count.launch(s, 1, CountArgs(gathered=op.ptr(gathered), send_offsets=op.ptr(send_offsets),
+                                       recv_offsets=op.ptr(recv_offsets), local_expert_counts=op.ptr(expert_counts),
+                                       host=self._host_dev, rank=rank, ticket=self._tickets))
         rows = self._read_counts(self._tickets)
 
         bad = [(src, row[R + E + 1] - 1) for src, row in enumerate(rows) if row[R + E + 1]]
@@ -102,18 +111,21 @@ class CollectiveTransport:
         S, N = sum(sent_to), sum(recv_from)
 
         send_x, send_meta = op.empty((S, H), self.dtype, dev), op.empty((S, self.meta_bytes), "uint8", dev)
-        pack.launch(self.num_sms, COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx), p(topk_weights),
-                    p(token_slot), T, p(send_offsets), p(send_x), p(send_meta))
+        k.pack.launch(s, self.num_sms, PackArgs(x=x.ptr, scales=scales.ptr if scales is not None else 0, topk_idx=topk_idx.ptr,
+                                                topk_weights=topk_weights.ptr, token_slot=op.ptr(token_slot),
+                                                send_offsets=op.ptr(send_offsets), send_x=op.ptr(send_x),
+                                                send_meta=op.ptr(send_meta), num_tokens=T))
         recv_x, recv_meta = op.empty((N, H), self.dtype, dev), op.empty((N, self.meta_bytes), "uint8", dev)
         a.all_to_all(self.framework_group, recv_x, send_x, recv_from, sent_to, op.foreign_stream)
         a.all_to_all(self.framework_group, recv_meta, send_meta, recv_from, sent_to, op.foreign_stream)
         recv_idx, recv_w = op.empty((N, K), "int64", dev), op.empty((N, K), "float32", dev)
-        recv_scales = op.empty((N, H // 128), "float32", dev) if fp8 else None
-        unpack.launch(self.num_sms, COPY_THREADS, s, p(recv_meta), N, p(recv_scales) if fp8 else 0, p(recv_idx),
-                      p(recv_w))
+        recv_scales = op.empty((N, H // SCALE_BLOCK), "float32", dev) if scales is not None else None
+        k.unpack.launch(s, self.num_sms, UnpackArgs(recv_meta=op.ptr(recv_meta), recv_scales=op.ptr(recv_scales),
+                                                    recv_idx=op.ptr(recv_idx), recv_weights=op.ptr(recv_w),
+                                                    num_rows=N))
         per_expert = [sum(row[R + rank * (E // R) + e] for row in rows) for e in range(E // R)]
         handle = Handle(0, a.name, T, token_slot, in_rank, recv_offsets, N, N, recv_from, per_expert,
-                        send_offsets=send_offsets, sent_to=sent_to)
+                        transport=Sent(send_offsets, sent_to))
         keep = [counts, gathered, send_x, send_meta, recv_meta, token_slot, in_rank, send_offsets, recv_offsets,
                 expert_counts, recv_x, recv_idx, recv_w, recv_scales]
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle), keep
@@ -133,12 +145,13 @@ class CollectiveTransport:
     # ---- combine ----------------------------------------------------------------
 
     def combine(self, op: Operation, y: Any, handle: Handle, rows: int) -> tuple[Any, list]:
-        p, s = op.adapter.pointer, op.stream
-        back = op.empty((sum(handle.sent_to), self.hidden), "bf16", self.device)
-        op.adapter.all_to_all(self.framework_group, back, y, handle.sent_to, handle.recv_from, op.foreign_stream)
+        sent: Sent = handle.transport
+        back = op.empty((sum(sent.sent_to), self.hidden), "bf16", self.device)
+        op.adapter.all_to_all(self.framework_group, back, y.tensor, sent.sent_to, handle.recv_from, op.foreign_stream)
         out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
-        self.modules["collective"][3].launch(self.num_sms, COPY_THREADS, s, p(back), p(handle.token_slot),
-                                             handle.num_tokens, p(handle.send_offsets), p(out))
+        self.kernels.sum.launch(op.stream, self.num_sms, SumArgs(
+            returned=op.ptr(back), token_slot=op.ptr(handle.token_slot), send_offsets=op.ptr(sent.send_offsets),
+            out=op.ptr(out), num_tokens=handle.num_tokens))
         return out, [back, out]
 
     def close(self, wait_for_peers: bool = True) -> None:

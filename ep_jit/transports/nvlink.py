@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 from cuda.bindings import driver
 
 from ..errors import EPJitError, PeerTimeout
-from ..group import GroupInfo
-from ..kernels import Mailbox, Status
-from ..runtime import Module, check, mapped_host_memory, quiesce, use_device
+from ..kernels.args import CombineArgs, Mailbox, Peers, PullArgs, SendArgs, Workspace
+from ..kernels.constants import NUM_FLAG_KINDS, PHASES, SCALE_BLOCK
+from ..runtime import LoadedKernel, check, device_attribute, mapped_host_memory, quiesce, setup_stream, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from . import COPY_THREADS, DispatchResult, Handle, Operation, bad_topk_message, wait_for_ticket
-
-PHASES = {1: "dispatch staging (waiting for peers to finish reading the previous stage)",
-          2: "count exchange", 3: "combine push (waiting for peers to finish the previous combine)",
-          4: "combine reduce (waiting for peers' expert outputs)", 5: "dispatch pull (waiting for peers' tokens)"}
+from .base import (DispatchResult, Handle, Operation, Setup, bad_topk_message, load_kernels, next_ticket,
+                   wait_for_ticket)
 
 
 def _free(device: int, workspace: Any, mailbox: int) -> None:
@@ -33,33 +30,51 @@ def _free(device: int, workspace: Any, mailbox: int) -> None:
 
 
 class NVLinkTransport:
-    def __init__(self, group: GroupInfo, modules: dict[str, Module], *, device: int, hidden: int, num_experts: int,
-                 topk: int, dtype: str, max_tokens: int, num_sms: int, timeout_s: float,
-                 gather: Callable[[Any], list]) -> None:
-        R = group.size
-        self.group, self.modules, self.device = group, modules, device
-        self.hidden, self.num_experts, self.topk, self.dtype = hidden, num_experts, topk, dtype
-        self.num_sms, self.timeout_s, self.timeout_ns = num_sms, timeout_s, int(timeout_s * 1e9)
-        self.layout, size = plan_layout(num_ranks=R, num_experts=num_experts, hidden=hidden, topk=topk,
-                                        max_tokens=max_tokens, elem_size=1 if dtype == "fp8_e4m3" else 2)
-        self._gather = gather
-        self.sym = SymmetricBuffer(group, size, device, gather)
-        # int32 words: [0, 8) block counters (pull, combine, combine's token queue, layout,
-        # staging), [8, 12) status, [12, 14) sequences, [14, 16) padding, then tokens per rank [R]
-        # and per expert [E]
-        ws_bytes = 4 * (16 + R + num_experts)
-        self._workspace = check(driver.cuMemAlloc(ws_bytes), "cuMemAlloc(workspace)")
-        check(driver.cuMemsetD8(self._workspace, 0, ws_bytes), "cuMemsetD8(workspace)")
-        ws = int(self._workspace)
-        self._counters, self._status_words, self._seqs = ws, ws + 32, ws + 48
-        self._tokens_per_rank, self._tokens_per_expert = ws + 64, ws + 64 + 4 * R
-        self._host_mailbox, self._mailbox_dev = mapped_host_memory(ctypes.sizeof(Mailbox), "mailbox")
+    templates = ("dispatch", "combine")
+
+    @staticmethod
+    def check_setup(group: Any, size: int, num_sms: int) -> None:
+        if num_sms < size + 1:  # the send kernel: R layout blocks beside the staging ones
+            raise ValueError(f"num_sms: expected at least {size + 1} for the NVLink transport over {size} ranks, "
+                             f"got {num_sms}")
+
+    def __init__(self, setup: Setup) -> None:
+        bound = setup.bound
+        self.group, self.device, self._gather = bound.info, bound.device, bound.gather
+        self.hidden, self.num_experts, self.topk, self.dtype = setup.hidden, setup.num_experts, setup.topk, setup.dtype
+        self.num_sms, self.timeout_s = setup.num_sms, setup.timeout_s
+        self.kernels = load_kernels(setup, self.templates)
+        self._check_resident(self.kernels.combine, self.device, self.num_sms)
+        self.layout, size = plan_layout(num_ranks=self.group.size, num_experts=self.num_experts, hidden=self.hidden,
+                                        topk=self.topk, max_tokens=setup.max_tokens,
+                                        elem_size=1 if self.dtype == "fp8_e4m3" else 2)
+        self.sym = SymmetricBuffer(self.group, self.layout, size, self.device, self._gather)
+        self._workspace = check(driver.cuMemAlloc(ctypes.sizeof(Workspace)), "cuMemAlloc(workspace)")
+        with setup_stream("workspace") as stream:
+            check(driver.cuMemsetD8Async(self._workspace, 0, ctypes.sizeof(Workspace), stream),
+                  "cuMemsetD8Async(workspace)")
+        self._host_mailbox, mailbox_dev = mapped_host_memory(ctypes.sizeof(Mailbox), "mailbox")
         self.mailbox = Mailbox.from_address(self._host_mailbox)
-        self._status = Status(self._status_words, self._mailbox_dev + Mailbox.status.offset)
-        self._finalizer = weakref.finalize(self, _free, device, self._workspace, self._host_mailbox)
+        self._finalizer = weakref.finalize(self, _free, self.device, self._workspace, self._host_mailbox)
+        # what every kernel shares, set once; each operation fills in only its tensors
+        peers = Peers(bases=self.sym.peer_table, layout=self.layout, ws=int(self._workspace), mailbox=mailbox_dev,
+                      timeout_ns=int(setup.timeout_s * 1e9), rank=self.group.rank)
+        self._send, self._pull, self._combine = SendArgs(peers=peers), PullArgs(peers=peers), CombineArgs(peers=peers)
         self._tickets = 0  # host-side id of each default-mode dispatch, echoed by the count exchange
+        self._stale_status: set[int] = set()  # device status words to clear on the next operation's stream
         self.closed = False
 
+    @staticmethod
+    def _check_resident(combine: LoadedKernel, device: int, num_sms: int) -> None:
+        """Combine's reducing warps wait for chunks that other blocks push, so all of its
+        num_sms blocks must be resident at once: within what the device guarantees."""
+        per_sm = check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(combine.function,
+                                                                          combine.declaration.block, 0),
+                       "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+        sms = device_attribute(device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        if num_sms > per_sm * sms:
+            raise ValueError(f"num_sms: expected at most {per_sm * sms} (combine's blocks must all be resident at "
+                             f"once), got {num_sms}")
     # ---- errors -----------------------------------------------------------------
 
     def check_error(self) -> None:
@@ -69,21 +84,26 @@ class NVLinkTransport:
         error = self.mailbox.status[0]
         if error:
             phase, peer = error >> 16, (error & 0xFFFF) - 1
-            self.close(wait_for_peers=False)  # the group is broken: free everything now
+            self.close(wait_for_peers=False)  # the group is broken: free what no peer can reach
             raise PeerTimeout(f"rank {peer} (global rank {self.group.members[peer]}) did not respond within "
                               f"{self.timeout_s:g} s in {PHASES.get(phase, phase)}; this Buffer is unusable")
 
     def raise_pending(self) -> None:
         self.check_error()
-        overflow = self.mailbox.status[2]
+        overflow, lost = self.mailbox.status[2], self.mailbox.status[3]
         if self.mailbox.bad_source:
-            self._raise_bad_topk(None, None)
+            self._raise_bad_topk(None)
         if overflow:
             self._clear_status(2)
             raise ValueError(f"capacity: expected at least {overflow} rows for an earlier non-blocking dispatch; "
                              "the rows past the capacity were dropped")
+        if lost:
+            self._clear_status(3)
+            raise ValueError(f"capacity: a peer's capacity was too small for an earlier non-blocking dispatch: "
+                             f"{lost} rows of this rank's tokens were dropped there, and combine's output holds "
+                             "only the contributions that were kept")
 
-    def _raise_bad_topk(self, op: Operation | None, topk_idx: Any) -> None:
+    def _raise_bad_topk(self, topk_idx: Any) -> None:
         source, flat = self.mailbox.bad_source - 1, self.mailbox.bad_index - 1
         self.mailbox.bad_source = self.mailbox.bad_index = 0
         self._clear_status(1)
@@ -91,54 +111,66 @@ class NVLinkTransport:
         if source == self.group.rank and topk_idx is not None:
             check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
             found = ctypes.c_int64()
-            check(driver.cuMemcpyDtoH(ctypes.addressof(found), op.adapter.pointer(topk_idx) + 8 * flat, 8),
+            check(driver.cuMemcpyDtoH(ctypes.addressof(found), topk_idx.ptr + 8 * flat, 8),
                   "cuMemcpyDtoH(topk_idx)")
             value = found.value
         message = bad_topk_message(source, flat, self.topk, self.num_experts, value)
         raise ValueError(message + ("" if topk_idx is not None else " (found by an earlier non-blocking dispatch)"))
 
     def _clear_status(self, word: int) -> None:
+        """Clear the host copy now and the device copy first thing on the next operation's
+        stream, so it is ordered before that operation's kernels."""
         self.mailbox.status[word] = 0
-        check(driver.cuMemsetD32(self._status_words + 4 * word, 0, 1), "cuMemsetD32(status)")
+        self._stale_status.add(word)
+
+    def _begin(self, op: Operation) -> None:
+        for word in self._stale_status:
+            check(driver.cuMemsetD32Async(int(self._workspace) + Workspace.status.offset + 4 * word, 0, 1, op.stream),
+                  "cuMemsetD32Async(status)")
+        self._stale_status.clear()
 
     def check_operation(self, op: Operation, capacity: int | None) -> None:
         """Any framework's tensors and both modes work here."""
 
     # ---- dispatch ---------------------------------------------------------------
 
-    def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any, num_tokens: int,
+    def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any,
                  capacity: int | None) -> tuple[DispatchResult, list]:
-        T, H, K, R = num_tokens, self.hidden, self.topk, self.group.size
-        fp8, s, dev = scales is not None, op.stream, self.device
-        self._tickets += 1
-        ticket = self._tickets if capacity is None else 0
+        (T, H), K, R = x.shape, self.topk, self.group.size
+        fp8, dev = scales is not None, self.device
+        self._begin(op)
+        a = self._send
+        if capacity is None:
+            self._tickets = next_ticket(self._tickets)
+        a.ticket = self._tickets if capacity is None else 0
         token_slot = op.empty((T, R), "int32", dev)
         in_rank = op.empty((T, R), "bool", dev)
         recv_offsets = op.empty((R + 1,), "int32", dev)
         expert_counts = op.empty((self.num_experts // R,), "int32", dev)
-        p = op.adapter.pointer
-        L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
-        send, pull = self.modules["dispatch"][0], self.modules["dispatch"][1]
+        a.x, a.scales, a.topk_idx, a.topk_weights = x.ptr, scales.ptr if fp8 else 0, topk_idx.ptr, topk_weights.ptr
+        a.is_token_in_rank, a.token_slot, a.num_tokens = op.ptr(in_rank), op.ptr(token_slot), T
+        a.recv_offsets, a.local_expert_counts = op.ptr(recv_offsets), op.ptr(expert_counts)
         # R layout blocks (the last also exchanges the counts) beside the staging blocks, within num_sms
-        send.launch(self.num_sms, COPY_THREADS, s, p(x), p(scales) if fp8 else 0, p(topk_idx),
-                    p(topk_weights), T, p(in_rank), p(token_slot), self._tokens_per_rank, self._tokens_per_expert,
-                    peers, L, rank, self._seqs, ticket, timeout, status, p(recv_offsets), p(expert_counts),
-                    self._mailbox_dev, self._counters + 12)
+        self.kernels.send.launch(op.stream, self.num_sms, a)
 
         num_recv = recv_from = per_expert = None
+        pull = self._pull
+        pull.recv_offsets = a.recv_offsets
         if capacity is None:
-            self._wait_for_counts(ticket)
+            self._wait_for_counts(a.ticket)
             if self.mailbox.bad_source:  # every rank learns it here; release the stage, then raise
-                pull.launch(self.num_sms, COPY_THREADS, s, 0, 0, 0, 0, -1, p(recv_offsets), peers, L, rank,
-                            self._seqs, timeout, status, self._counters)
-                self._raise_bad_topk(op, topk_idx)
+                pull.recv_x = pull.recv_scales = pull.recv_idx = pull.recv_weights = 0
+                pull.capacity = -1
+                self.kernels.pull.launch(op.stream, self.num_sms, pull)
+                self._raise_bad_topk(topk_idx)
             num_recv = capacity = self.mailbox.recv_total
         recv_x = op.empty((capacity, H), self.dtype, dev)
         recv_idx = op.empty((capacity, K), "int64", dev)
         recv_w = op.empty((capacity, K), "float32", dev)
-        recv_scales = op.empty((capacity, H // 128), "float32", dev) if fp8 else None
-        pull.launch(self.num_sms, COPY_THREADS, s, p(recv_x), p(recv_scales) if fp8 else 0, p(recv_idx), p(recv_w),
-                    capacity, p(recv_offsets), peers, L, rank, self._seqs, timeout, status, self._counters)
+        recv_scales = op.empty((capacity, H // SCALE_BLOCK), "float32", dev) if fp8 else None
+        pull.recv_x, pull.recv_scales, pull.recv_idx = op.ptr(recv_x), op.ptr(recv_scales), op.ptr(recv_idx)
+        pull.recv_weights, pull.capacity = op.ptr(recv_w), capacity
+        self.kernels.pull.launch(op.stream, self.num_sms, pull)
         if num_recv is not None:  # the rest of the counts, read once the pull is on its way
             recv_from = list(self.mailbox.recv_from[:R])
             per_expert = list(self.mailbox.tokens_per_expert[: self.num_experts // R])
@@ -148,31 +180,37 @@ class NVLinkTransport:
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle), keep
 
     def _wait_for_counts(self, ticket: int) -> None:
-        """Wait on mapped host memory until the count exchange of `ticket` has landed."""
+        """Wait on mapped host memory until the count exchange of `ticket` has landed. The
+        device gives up on its own after timeout_s per wait (two: the previous stage, then
+        the counts), counted from when the send kernel starts; this is the backstop."""
         def poll() -> None:
             if self.mailbox.status[0]:
                 self.check_error()
-        if not wait_for_ticket(self._host_mailbox, ticket, self.timeout_s + 1.0, poll):
+        limit = 2 * self.timeout_s + 1.0
+        if not wait_for_ticket(self._host_mailbox, ticket, limit, poll,
+                               started=self._host_mailbox + Mailbox.started_ticket.offset):
             self.close(wait_for_peers=False)
-            raise PeerTimeout(f"count exchange: no answer from the device within {self.timeout_s + 1:g} s")
+            raise PeerTimeout(f"count exchange: no answer from the device within {limit:g} s of its start")
         self.check_error()
 
     # ---- combine ----------------------------------------------------------------
 
     def combine(self, op: Operation, y: Any, handle: Handle, rows: int) -> tuple[Any, list]:
+        self._begin(op)
         out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
-        p, s = op.adapter.pointer, op.stream
-        L, peers, status, rank, timeout = self.layout, self.sym.peer_table, self._status, self.group.rank, self.timeout_ns
-        self.modules["combine"][0].launch(self.num_sms, COPY_THREADS, s, p(y), rows, p(handle.recv_offsets), p(out),
-                                          p(handle.token_slot), handle.num_tokens, peers, L, rank, self._seqs,
-                                          timeout, status, self._counters + 4)
+        a = self._combine
+        a.y, a.num_rows, a.recv_offsets, a.out = y.ptr, rows, op.ptr(handle.recv_offsets), op.ptr(out)
+        a.token_slot, a.num_tokens = op.ptr(handle.token_slot), handle.num_tokens
+        # one block per SM of num_sms, all resident at once (checked at set-up)
+        self.kernels.combine.launch(op.stream, self.num_sms, a)
         return out, [out]
 
     # ---- teardown ---------------------------------------------------------------
 
     def close(self, wait_for_peers: bool = True) -> None:
         """Collective by default: a peer may still be reading this rank's memory until it
-        has finished its last operation."""
+        has finished its last operation. Without waiting, this rank's exported buffer is
+        kept until process exit, and only what no peer can reach is freed."""
         if not self._finalizer.alive:
             return
         self.closed = True
@@ -180,5 +218,21 @@ class NVLinkTransport:
             use_device(self.device)
             check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
             self._gather(None)  # barrier: every member has finished its last operation
-        self.sym.close()
+            self.sym.close()
+        else:
+            self.sym.abandon()
         self._finalizer()
+
+    def preset_counters(self, seq: int, ticket: int) -> None:
+        """Test hook, collective: go on as if `seq` dispatches and combines had completed
+        and `ticket` had been the last ticket (to run the wrap-around of both)."""
+        use_device(self.device)
+        check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
+        self._gather(None)
+        seqs = (ctypes.c_uint32 * 2)(seq, seq)
+        with setup_stream("preset") as stream:
+            check(driver.cuMemcpyHtoDAsync(int(self._workspace) + Workspace.seqs.offset, seqs, ctypes.sizeof(seqs),
+                                           stream), "cuMemcpyHtoDAsync(seqs)")
+            self.sym.post_own_flags(tuple(range(NUM_FLAG_KINDS)), seq, stream)
+        self._tickets = ticket
+        self._gather(None)

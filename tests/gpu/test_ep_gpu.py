@@ -13,10 +13,13 @@ from conftest import GPU_COUNT, REPO, free_port
 WORKER = REPO / "tests" / "ep_worker.py"
 
 
-def run_ranks(suite: str, world: int, timeout: int = 900, share_gpus: bool = False) -> list[str]:
-    """Rank r runs on GPU r % GPU_COUNT: one process per GPU, unless share_gpus."""
-    if GPU_COUNT < (1 if share_gpus else world):
-        pytest.skip(f"needs {world} GPUs, found {GPU_COUNT}")
+def run_ranks(suite: str, world: int, own_gpus: bool = False) -> list[str]:
+    """Rank r runs on GPU r % GPU_COUNT: one process per GPU where there are enough, else
+    ranks share GPUs (exact, but time-sliced). `own_gpus`: the suite needs NCCL, which
+    refuses two ranks on one GPU."""
+    if GPU_COUNT < (world if own_gpus else 1):
+        pytest.skip(f"needs {world if own_gpus else 1} GPUs, found {GPU_COUNT}")
+    timeout = int(os.environ.get("EP_TEST_TIMEOUT", "900"))  # seconds for the whole suite
     port = free_port()
     seed = random.randrange(1 << 30)
     env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
@@ -53,13 +56,46 @@ def test_members_sharing_gpus(world):
     2-GPU machine this runs the 4- and 8-rank kernels through the reference checks."""
     if world <= GPU_COUNT:
         pytest.skip(f"{GPU_COUNT} GPUs: every rank has its own")
-    run_ranks("sharing", world, share_gpus=True)
+    run_ranks("sharing", world)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_thousand_rounds(world):
+    if world > GPU_COUNT:
+        pytest.skip(f"{GPU_COUNT} GPUs: time-sliced ranks take about a second a round")
     run_ranks("rounds", world)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 3])
+def test_capacity_drop_adds_no_stale_rows(world):
+    run_ranks("capacity_drop", world)
+
+
+@pytest.mark.gpu
+def test_sequences_and_ticket_wrap_around():
+    run_ranks("wrap", 2)
+
+
+@pytest.mark.gpu
+def test_first_dispatch_while_a_peer_stream_is_busy():
+    run_ranks("init_race", 2)
+
+
+@pytest.mark.gpu
+def test_staggered_timeouts_never_free_memory_in_use():
+    run_ranks("staggered", 3)
+
+
+@pytest.mark.gpu
+def test_misaligned_tensors_raise_before_launch():
+    run_ranks("alignment", 2)
+
+
+@pytest.mark.gpu
+def test_group_info_with_all_gather_callable():
+    run_ranks("commless", 2)
 
 
 @pytest.mark.gpu
@@ -81,7 +117,7 @@ def test_stuck_peer_names_rank_and_phase():
 
 @pytest.mark.gpu
 def test_collective_stuck_peer_times_out():
-    run_ranks("collective_timeout", 2)
+    run_ranks("collective_timeout", 2, own_gpus=True)
 
 
 @pytest.mark.gpu
@@ -94,4 +130,4 @@ def test_cupy_arrays(world):
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_collective_transport(world):
-    run_ranks("collective", world)
+    run_ranks("collective", world, own_gpus=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Probe: how fast do copy loops of a given shape move bytes on this GPU (local and to a peer)?
 
-    python benchmarks/copy_probe.py
+    python scripts/copy_probe.py
 
 Compiles a few copy kernels with NVRTC (templates/ep_common.cuh included) and times
 them with CUDA events (median of 20 after 3 warm-ups) on 58 MB rows of 14336 bytes.

@@ -1,0 +1,154 @@
+"""What every transport shares: the Transport protocol, the set-up a Buffer hands it, one
+operation's stream and allocator, the handle, and the kernel loading.
+
+The Buffer checks every argument before a transport sees it; a transport checks what
+only it knows (its own limits) in `check_setup`, before any CUDA call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol
+
+from ..frameworks import Adapter, BoundGroup, TensorView
+from ..jit import get_kernel, record_load
+from ..kernels import TEMPLATES
+from ..runtime import Library
+from ..spec import KernelSpec
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a transport is built from; the same on every member (checked)."""
+
+    bound: BoundGroup
+    hidden: int
+    num_experts: int
+    topk: int
+    dtype: str
+    max_tokens: int
+    num_sms: int
+    timeout_s: float
+    arch: str
+
+    def specs(self, templates: tuple[str, ...]) -> list[KernelSpec]:
+        info = self.bound.info
+        return [KernelSpec(t, self.hidden, self.num_experts, info.size, self.topk, self.dtype, info.member_hash,
+                           self.arch) for t in templates]
+
+
+def load_kernels(setup: Setup, templates: tuple[str, ...]) -> SimpleNamespace:
+    """Every kernel of `templates`, by catalogue name (kernels.send, kernels.pull, ...),
+    from the JIT's tiers, loaded on the Buffer's device."""
+    kernels = {}
+    for spec in setup.specs(templates):
+        binary = get_kernel(spec)
+        start = time.perf_counter()
+        library = Library(binary.cubin, setup.bound.device, f"{spec.describe()} (key {binary.key[:16]})")
+        for kernel in TEMPLATES[spec.template]:
+            kernels[kernel.name] = library.kernel(binary.symbol(kernel.name), kernel)
+        record_load(time.perf_counter() - start)
+    return SimpleNamespace(**kernels)
+
+
+class Operation(NamedTuple):
+    """One dispatch or combine: the tensors' adapter, the stream every step runs on, and
+    that stream again if it is not the framework's current one (else None)."""
+
+    adapter: Adapter
+    stream: int
+    foreign_stream: int | None
+
+    def empty(self, shape: tuple, dtype: str, device: int) -> Any:
+        return self.adapter.empty(shape, dtype, device, self.foreign_stream)
+
+    def ptr(self, t: Any) -> int:
+        """The device address of a tensor this operation allocated (0 for None)."""
+        return 0 if t is None else self.adapter.pointer(t)
+
+
+@dataclass
+class Handle:
+    """What combine needs to know about one dispatch: what every transport needs, and the
+    transport's own part."""
+
+    buffer_id: int
+    framework: str
+    num_tokens: int
+    token_slot: Any            # [T, R] int32: slot of token t at rank r, or -1
+    is_token_in_rank: Any      # [T, R] bool
+    recv_offsets: Any          # [R + 1] int32: first received row of each source; [R] is the total
+    num_recv: int | None       # received rows (None in non-blocking mode: read recv_offsets[R])
+    capacity: int              # rows of the receive tensors
+    recv_from: list[int] | None
+    tokens_per_expert_list: list[int] | None
+    transport: Any = None      # the transport's own part (collective: where each destination's rows went)
+
+
+class Transport(Protocol):
+    """How a Buffer's tokens move. Registered by name in ep_jit/transports/__init__.py."""
+
+    templates: ClassVar[tuple[str, ...]]  # the templates whose kernels it launches
+    closed: bool
+
+    @staticmethod
+    def check_setup(group: Any, size: int, num_sms: int) -> None:
+        """Refuse what this transport cannot do, before any CUDA call."""
+
+    def __init__(self, setup: Setup) -> None: ...
+    def check_error(self) -> None: ...
+    def raise_pending(self) -> None: ...
+    def check_operation(self, op: Operation, capacity: int | None) -> None: ...
+    def dispatch(self, op: Operation, x: TensorView, topk_idx: TensorView, topk_weights: TensorView,
+                 scales: TensorView | None, capacity: int | None) -> tuple[DispatchResult, list]: ...
+    def combine(self, op: Operation, y: TensorView, handle: Handle, rows: int) -> tuple[Any, list]: ...
+    def close(self, wait_for_peers: bool) -> None: ...
+
+
+class DispatchResult(NamedTuple):
+    recv_x: Any
+    recv_topk_idx: Any
+    recv_topk_weights: Any
+    recv_scales: Any
+    tokens_per_expert: Any
+    handle: Handle
+
+
+def bad_topk_message(source: int, flat: int, topk: int, num_experts: int, value: int | None) -> str:
+    """The error every rank raises when rank `source` passed an expert id outside [-1, E)."""
+    where = f"[{flat // topk}, {flat % topk}]"
+    if value is not None:
+        return f"topk_idx: expected ids in [-1, {num_experts}), got {value} at {where}; no token was moved"
+    return (f"topk_idx: expected ids in [-1, {num_experts}), but rank {source} passed an id outside that range at "
+            f"{where} of its topk_idx; no token of this dispatch was moved")
+
+
+def next_ticket(ticket: int) -> int:
+    """The ticket after `ticket`, as the uint32 the kernels echo: 1 .. 2^32 - 1, then 1 again
+    (0 means "no ticket")."""
+    return ticket % 0xFFFFFFFF + 1
+
+
+def wait_for_ticket(address: int, ticket: int, timeout_s: float, poll: Callable[[], None],
+                    started: int | None = None) -> bool:
+    """Spin until the uint32 at `address` (mapped host memory a kernel writes last) equals
+    `ticket`, calling `poll` on the way; False when `timeout_s` passes first. With
+    `started`, the uint32 there that the kernel writes when it begins, the time counts
+    from then: work queued ahead of it on the stream is not the peers' delay."""
+    word = ctypes.c_uint32.from_address(address)
+    begun = ctypes.c_uint32.from_address(started) if started is not None else None
+    deadline = time.monotonic() + timeout_s if begun is None else None
+    spins = 0
+    while word.value != ticket:
+        poll()
+        spins += 1
+        if deadline is None and begun.value == ticket:
+            deadline = time.monotonic() + timeout_s
+        if spins > 10000:  # past ~10 ms: check the clock and stop burning the core
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(20e-6)
+    return True

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Dispatch + combine latency at decode sizes, one member on one GPU.
+
+    python scripts/bench_latency.py [--tokens 1 8 32 128 512 4096 --hidden 7168 --experts 256 --topk 8]
+
+Per token count and mode, the median over --iters calls after warm-up of
+- wall: host time from the dispatch call until combine's output is ready (the stream
+  synchronised), what a caller waits;
+- gpu: CUDA-event time from before dispatch to after combine on the stream.
+Modes: default (the host waits for the counts, exact-size outputs), capacity
+(capacity = T, never synchronises) and graph (the capacity-mode calls captured once in a
+CUDA graph and replayed: the GPU floor, no host work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import ep_jit
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 4096])
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--sms", type=int, default=24)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--out", type=Path, help="write the JSON results here")
+    return p.parse_args()
+
+
+def measure(step, iters: int, warmup: int) -> tuple[float, float]:
+    """(wall us, gpu us), medians."""
+    stream = torch.cuda.current_stream()
+    walls, events = [], []
+    for i in range(warmup + iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream.synchronize()
+        t = time.perf_counter()
+        start.record()
+        step()
+        end.record()
+        stream.synchronize()
+        if i >= warmup:
+            walls.append((time.perf_counter() - t) * 1e6)
+            events.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(walls), statistics.median(events)
+
+
+def main() -> None:
+    args = parse()
+    torch.cuda.set_device(0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    buf = ep_jit.Buffer(ep_jit.GroupInfo([0], 0), args.hidden, args.experts, args.topk, max(args.tokens),
+                        num_sms=args.sms, device=0)
+    rows = []
+    for T in args.tokens:
+        x = torch.randn(T, args.hidden, device="cuda", generator=g).bfloat16()
+        idx = torch.rand(T, args.experts, device="cuda", generator=g).argsort(dim=1)[:, :args.topk].contiguous()
+        w = torch.rand(T, args.topk, device="cuda", generator=g)
+
+        def default() -> None:
+            r = buf.dispatch(x, idx, w)
+            buf.combine(r.recv_x, r.handle)
+
+        def capacity() -> None:
+            r = buf.dispatch(x, idx, w, capacity=T)
+            buf.combine(r.recv_x, r.handle)
+
+        capacity()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            capacity()
+        for mode, step in (("default", default), ("capacity", capacity), ("graph", graph.replay)):
+            wall, gpu = measure(step, args.iters, args.warmup)
+            rows.append(dict(tokens=T, mode=mode, wall_us=round(wall, 1), gpu_us=round(gpu, 1)))
+            print(f"T={T:5d} {mode:9s} wall {wall:8.1f} us   gpu {gpu:8.1f} us", flush=True)
+    buf.close()
+    if args.out:
+        args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, results=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
