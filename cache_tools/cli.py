@@ -144,21 +144,24 @@ def cmd_show(cache: DiskCache, args) -> int:
 def cmd_verify(cache: DiskCache, args) -> int:
     rows = scan(cache)
     bad = [r for r in rows if r.entry is None]
-    moved, left = [], [] if args.fix else [{"path": str(r.path), "problem": r.problem} for r in bad]
-    for r in bad if args.fix else []:
+    moved, left = [], []  # left: the problems still there when verify ends
+    for r in bad:
         try:
-            target = cache.quarantine(r.path)
+            target = cache.quarantine(r.path) if args.fix else None
         except CacheWriteError as exc:
             left.append({"path": str(r.path), "problem": str(exc)})
             continue
         if target is not None:
             moved.append(str(target))
+        elif not args.fix:
+            left.append({"path": str(r.path), "problem": r.problem})
     quarantine = _bad_quarantine(cache)
-    left += [{"path": str(cache.quarantine_dir), "problem": quarantine}] if quarantine else []
+    if quarantine:
+        left.append({"path": str(cache.quarantine_dir), "problem": quarantine})
     obj = {"entries": len(rows), "corrupt": [{"key": r.key, "problem": r.problem} for r in bad],
            "quarantined": moved, "not_fixed": left}
     text = [f"{r.key[:16]}  CORRUPT: {r.problem}" for r in bad]
-    text += [f"NOT FIXED {p['path']}: {p['problem']}" for p in left if args.fix or p["problem"] == quarantine]
+    text += [f"NOT FIXED {p['path']}: {p['problem']}" for p in left] if args.fix else ([quarantine] if quarantine else [])
     text.append(f"{len(rows)} entries, {len(bad)} corrupt" + (f", {len(moved)} quarantined" if args.fix else ""))
     _print(obj, args.json, "\n".join(text))
     return 1 if left else 0

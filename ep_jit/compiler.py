@@ -32,12 +32,8 @@ BASE_OPTIONS = ("-std=c++17", "--frandom-seed=ep_jit")
 def template_dir() -> Path:
     """$EP_JIT_TEMPLATE_DIR, else templates/ inside an installed wheel, else beside the
     package in a source tree."""
-    explicit = config.template_dir_override()
-    if explicit is not None:
-        if not explicit.is_dir():
-            raise ConfigError(f"EP_JIT_TEMPLATE_DIR: expected a folder, got {explicit}")
-        return explicit
-    return shipped_template_dir()
+    explicit = config.template_dir_override()  # an existing folder, else ConfigError
+    return explicit if explicit is not None else shipped_template_dir()
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ The table in README.md ("Configuration") lists the same variables and forms.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from . import toolchain
 from .errors import ConfigError
 
 DEFAULT_ARCH = "sm_90a"
+DEFAULT_LOCK_TIMEOUT = 600.0
 NAME_MAX, PATH_MAX = 255, 4096  # Linux limits on one path component and a whole path
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -56,17 +58,9 @@ def _path(raw: str) -> Path:
     return Path(raw).expanduser().absolute()
 
 
-def _folder(raw: str) -> Path:
+def _folder(raw: str, must_exist: bool = False) -> Path:
     path = _path(raw)
-    problem = folder_problem(path)
-    if problem is not None:
-        raise ValueError(problem)
-    return path
-
-
-def _existing_folder(raw: str) -> Path:
-    path = _path(raw)
-    problem = folder_problem(path, must_exist=True)
+    problem = folder_problem(path, must_exist)
     if problem is not None:
         raise ValueError(problem)
     return path
@@ -124,14 +118,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("EP_JIT_ARCH", "an arch NVRTC can target, like sm_90a", DEFAULT_ARCH,
             "default arch of ep-jit-warm", _arch),
     Setting("EP_JIT_LOG", "one of " + ", ".join(LOG_LEVELS), "warning", "level of the ep_jit logger", _log_level),
-    Setting("EP_JIT_LOCK_TIMEOUT", "a positive number of seconds", "600",
+    Setting("EP_JIT_LOCK_TIMEOUT", "a positive number of seconds", f"{DEFAULT_LOCK_TIMEOUT:g}",
             "wait for another process compiling the same key, then compile anyway", _positive_seconds),
     Setting("EP_JIT_LOCK_DIR", "a folder path", "$TMPDIR/ep_jit-<uid>/locks",
             "node-local folder for per-key locks (created 0700, must be this user's)", _folder),
     Setting("EP_JIT_NVRTC_OPTIONS", "NVRTC options in shell syntax, like -lineinfo", "none",
             "extra NVRTC options (part of the key)", _options),
     Setting("EP_JIT_TEMPLATE_DIR", "an existing folder path", "the installed templates",
-            "compile templates from another folder (its sources enter the key)", _existing_folder),
+            "compile templates from another folder (its sources enter the key)",
+            functools.partial(_folder, must_exist=True)),
     Setting("EP_JIT_ALWAYS_COMPILE", "0 or 1", "0",
             "1 compiles every kernel once per process and neither reads nor writes the disk cache", _flag),
 )}
@@ -207,7 +202,7 @@ def default_arch() -> str:
 
 def lock_timeout() -> float:
     value = get("EP_JIT_LOCK_TIMEOUT")
-    return 600.0 if value is None else value
+    return DEFAULT_LOCK_TIMEOUT if value is None else value
 
 
 def allow_shared_cache() -> bool:

@@ -90,11 +90,11 @@ def test_cubin_is_deterministic_across_processes(cache_env):
 def test_compiling_leaves_the_interpreters_shared_bytes_alone(cache_env):
     # NVRTC writes into the buffer it is handed; an empty log has size 1, and b" " is a
     # one-byte object the whole interpreter shares
-    from conftest import run_py
+    from conftest import REPO, run_py
     code = ("import sys; sys.path.insert(0, 'tests'); from helpers import layout_spec\n"
             "from ep_jit.compiler import render, compile_source\n"
             "prog = compile_source(render(layout_spec()), 'k')\n"
             "print(repr(prog.log), b' ' == bytes([32]))")
-    out = run_py(code, cwd=str(__import__("conftest").REPO))
+    out = run_py(code, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["''", "True"]

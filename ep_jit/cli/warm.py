@@ -83,11 +83,11 @@ def plan_jobs(args) -> list[Job]:
         if shapes:
             raise PlanError(f"--preset: it sets {', '.join(FLAGS[k] for k in SHAPE_KEYS)}; do not also pass "
                             f"{FLAGS[shapes[0]]}")
-        table_ = {**PRESETS[args.preset], **given, "name": args.preset}
+        preset = {**PRESETS[args.preset], **given, "name": args.preset}
         if "world_size" in given and "ep_size" not in given:
-            table_["ep_size"] = min(table_["ep_size"], given["world_size"])
-        labels = {k: FLAGS[k] if k in given else f"--preset {args.preset} ({k})" for k in table_}
-        return [job_from_table(table_, Origin(labels=labels), default_arch)]
+            preset["ep_size"] = min(preset["ep_size"], given["world_size"])
+        labels = {k: FLAGS[k] if k in given else f"--preset {args.preset} ({k})" for k in preset}
+        return [job_from_table(preset, Origin(labels=labels), default_arch)]
     if not shapes:
         raise PlanError("expected --preset, --plan, or --hidden/--experts/--topk with --world-size")
     return [job_from_table({**given, "name": "flags"}, Origin(labels=FLAGS), default_arch)]
