@@ -66,6 +66,13 @@ def _folder(raw: str, must_exist: bool = False) -> Path:
     return path
 
 
+def _folders(raw: str) -> tuple[Path, ...]:
+    roots = tuple(_folder(part) for part in raw.split(":") if part)
+    if not roots:
+        raise ValueError("")
+    return roots
+
+
 def _positive_seconds(raw: str) -> float:
     try:
         value = float(raw)
@@ -129,6 +136,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             functools.partial(_folder, must_exist=True)),
     Setting("EP_JIT_ALWAYS_COMPILE", "0 or 1", "0",
             "1 compiles every kernel once per process and neither reads nor writes the disk cache", _flag),
+    Setting("EP_JIT_SHARED_CACHE_DIR", "':'-separated folder paths", "none",
+            "read-only caches searched after the local one, never written", _folders),
+    Setting("EP_JIT_REQUIRE_WARM", "0 or 1", "0",
+            "1: a kernel in no cache tier raises NotWarmError instead of compiling", _flag),
 )}
 
 
@@ -174,22 +185,13 @@ def lock_root() -> Path:
 
 
 def shared_cache_roots() -> tuple[Path, ...]:
-    """$EP_JIT_SHARED_CACHE_DIR: ':'-separated read-only cache roots, searched in order."""
-    raw = _env("EP_JIT_SHARED_CACHE_DIR")
-    if raw is None:
-        return ()
-    roots = tuple(Path(p).expanduser().absolute() for p in raw.split(":") if p)
-    if not roots:
-        raise ConfigError(f"EP_JIT_SHARED_CACHE_DIR: expected ':'-separated folders, got {raw!r}")
-    return roots
+    """$EP_JIT_SHARED_CACHE_DIR: read-only cache roots, searched in order."""
+    return get("EP_JIT_SHARED_CACHE_DIR") or ()
 
 
 def require_warm() -> bool:
     """EP_JIT_REQUIRE_WARM=1: a kernel missing from every tier is an error, never a compile."""
-    raw = _env("EP_JIT_REQUIRE_WARM")
-    if raw not in (None, "0", "1"):
-        raise ConfigError(f"EP_JIT_REQUIRE_WARM: expected 0 or 1, got {raw!r}")
-    return raw == "1"
+    return bool(get("EP_JIT_REQUIRE_WARM"))
 
 
 def template_dir_override() -> Path | None:

@@ -25,7 +25,7 @@ from .cache import CorruptEntry, DiskCache, Entry
 from .compiler import cuda_header_versions, nvrtc_version
 from .config import default_arch
 from .jit import spec_inputs
-from .plan import PRESETS, job_from_table, load_plan, unique_specs
+from .plan import PRESETS, load_plan, preset_job, unique_specs
 from .shared import read_shared, shared_caches
 from .spec import KernelSpec
 
@@ -129,7 +129,7 @@ def plan_specs(plan: str | os.PathLike | Iterable[KernelSpec] | None = None, pre
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-        return unique_specs([job_from_table({**PRESETS[preset], "name": preset}, preset, default_arch())])
+        return unique_specs([preset_job(preset, default_arch())])
     if isinstance(plan, (str, os.PathLike)):
         return unique_specs(load_plan(Path(plan), default_arch()))
     return list(dict.fromkeys(plan))

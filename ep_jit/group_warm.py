@@ -18,8 +18,7 @@ from typing import Any, Callable, Iterable
 from .cache import CorruptEntry, DiskCache, Entry, decode_verified, encode_entry
 from .config import log, require_warm
 from .errors import CompileError, GroupWarmError
-from .frameworks import group_all_gather
-from .group import GroupInfo
+from .frameworks import group_all_gather, group_info
 from .jit import KernelBinary, Tier, cached, fetch_or_build, find, get_kernel, install, not_warm, publish, resolve, \
     spec_key
 from .spec import KernelSpec
@@ -37,7 +36,7 @@ def warm(specs: Iterable[KernelSpec], group: Any, *, all_gather: Gather | None =
     bounded by the gather's own timeout (the process group's)."""
     wanted = list(specs)
     unique = list(dict.fromkeys(wanted))
-    info = GroupInfo.resolve(group)
+    info = group_info(group)
     gather = group_all_gather(group, info.size, all_gather)
     cache = DiskCache()
     found: dict[str, tuple[Entry, Tier]] = {}

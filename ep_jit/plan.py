@@ -188,6 +188,11 @@ def job_from_table(table: Any, origin: Origin, default_arch: str) -> Job:
                dtype=dtypes, arch=arches, explicit_groups=groups, world_size=world, ep_size=ep)
 
 
+def preset_job(name: str, default_arch: str) -> Job:
+    """The job of a preset, as ep-jit-warm --preset NAME builds it (without other flags)."""
+    return job_from_table({**PRESETS[name], "name": name}, Origin(where=f"preset {name}"), default_arch)
+
+
 def _read_text(path: Path) -> str:
     try:
         if not path.is_file():

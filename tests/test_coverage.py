@@ -39,7 +39,7 @@ def test_coverage_before_and_after_warming(cache_env, plan):
     assert before.returncode == 1
     missing = [l for l in before.stdout.splitlines() if l.startswith("MISSING ")]
     assert len(missing) == N and all("no ep-jit-warm run recorded" in l for l in missing)
-    assert any("layout(hidden=1024, experts=8, ranks=2, topk=2" in l for l in missing)
+    assert any("layout(hidden=1024, experts=8, ep_size=2, topk=2" in l for l in missing)
     warm("--plan", str(plan))
     after = coverage(str(plan), "--json")
     assert after.returncode == 0, after.stdout

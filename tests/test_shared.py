@@ -13,10 +13,10 @@ import ep_jit
 from conftest import REPO, run_cli
 from ep_jit.cache import DiskCache
 from ep_jit.jit import clear_memory_cache, resolve
-from ep_jit.plan import PRESETS, job_from_table
+from ep_jit.plan import preset_job
 from helpers import layout_spec
 
-TINY = job_from_table({**PRESETS["tiny"], "name": "tiny"}, "tiny", "sm_90a").specs()
+TINY = list(preset_job("tiny", "sm_90a").specs())
 
 
 def _snapshot(root) -> dict:
@@ -116,8 +116,8 @@ READ_ONLY = textwrap.dedent("""
     else:
         raise SystemExit("the read-only hook does not work")
     from ep_jit.jit import resolve
-    from ep_jit.plan import PRESETS, job_from_table
-    print(json.dumps([resolve(s)[1] for s in job_from_table({**PRESETS["tiny"]}, "tiny", "sm_90a").specs()]))
+    from ep_jit.plan import preset_job
+    print(json.dumps([resolve(s)[1] for s in preset_job("tiny", "sm_90a").specs()]))
 """)
 
 
@@ -143,7 +143,7 @@ def test_read_only_shared_folder(shared, cache_env, tmp_path):
 def test_require_warm_raises_naming_the_spec_and_compiles_nothing(cache_env, monkeypatch):
     monkeypatch.setenv("EP_JIT_REQUIRE_WARM", "1")
     s0 = ep_jit.stats()
-    with pytest.raises(ep_jit.NotWarmError, match=r"holds layout\(hidden=2048, experts=64, ranks=4, topk=4"):
+    with pytest.raises(ep_jit.NotWarmError, match=r"holds layout\(hidden=2048, experts=64, ep_size=4, topk=4"):
         ep_jit.get_kernel(layout_spec())
     assert _delta(s0)["compiles"] == 0 and not cache_env.exists()
     monkeypatch.setenv("EP_JIT_REQUIRE_WARM", "0")

@@ -131,23 +131,27 @@ class BoundGroup(NamedTuple):
     group: Any                     # the caller's group object, whose collectives a transport may use
 
 
+def group_info(group: Any) -> GroupInfo:
+    """The members of a GroupInfo, a torch group or a paddle group."""
+    if isinstance(group, GroupInfo):
+        return group
+    framework = framework_of(group)
+    if framework == "torch":
+        return GroupInfo.from_torch(group)
+    if framework == "paddle":
+        return GroupInfo.from_paddle(group)
+    raise TypeError(f"group: expected a GroupInfo, a torch or a paddle process group, got {type(group).__name__}")
+
+
 def bind_group(group: Any, device: int | None = None, all_gather: Callable[[Any], list] | None = None) -> BoundGroup:
     """A torch or paddle process group, or a GroupInfo with `device` and (for more than
     one member) `all_gather`: its members, this process's device and an object gather."""
-    framework = framework_of(group)
-    if isinstance(group, GroupInfo):
-        info = group
-    elif framework == "torch":
-        info = GroupInfo.from_torch(group)
-    elif framework == "paddle":
-        info = GroupInfo.from_paddle(group)
-    else:
-        raise TypeError(f"group: expected a GroupInfo, a torch or a paddle process group, got {type(group).__name__}")
+    info = group_info(group)
     device = device if device is not None else group_device(group)
     if device is None:
         raise ValueError("device: expected the CUDA device ordinal when group is a GroupInfo, got None")
     gather = group_all_gather(group, info.size, all_gather)
-    return BoundGroup(info, device, gather, None if isinstance(group, GroupInfo) else framework, group)
+    return BoundGroup(info, device, gather, None if isinstance(group, GroupInfo) else framework_of(group), group)
 
 
 def object_all_gather(group: Any, size: int) -> Callable[[Any], list] | None:
