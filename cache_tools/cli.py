@@ -70,8 +70,8 @@ class Row:
         if self.entry is None:
             return {**d, "status": "corrupt", "problem": self.problem}
         h = self.entry.header
-        return {**d, "status": h.get("status"), **shown_fields(h.get("spec", {})), "nvrtc": h.get("nvrtc_version"),
-                "created": h.get("created_at"), "compile_seconds": h.get("compile_seconds")}
+        return {**d, "status": h.status, **shown_fields(h.spec), "nvrtc": h.nvrtc_version, "created": h.created_at,
+                "compile_seconds": h.compile_seconds}
 
 
 def _iso(ts: float) -> str:
@@ -122,21 +122,21 @@ def cmd_show(cache: DiskCache, args) -> int:
         _print(row.summary(), args.json, f"{row.key}: CORRUPT ({row.problem})")
         return 1
     h = row.entry.header
-    obj = {**row.summary(), "inputs": h.get("inputs"), "lowered_names": h.get("lowered_names"), "log": h.get("log")}
+    obj = {**row.summary(), "inputs": h.inputs, "lowered_names": h.lowered_names, "log": h.log}
     if args.source:
-        obj["source"] = h.get("source")
-        obj["headers"] = h.get("headers")
-    spec = ", ".join(f"{k}={v}" for k, v in shown_fields(h.get("spec", {})).items())
-    text = [f"key            {row.key}", f"status         {h.get('status')}", f"spec           {spec}",
+        obj["source"] = h.source
+        obj["headers"] = h.headers
+    spec = ", ".join(f"{k}={v}" for k, v in shown_fields(h.spec).items())
+    text = [f"key            {row.key}", f"status         {h.status}", f"spec           {spec}",
             f"path           {row.path}", f"size           {format_size(row.size)} ({row.size} bytes)",
-            f"created        {h.get('created_at')}", f"last used      {_iso(row.last_used)}",
-            f"compile        {h.get('compile_seconds', 0):.3f} s", "key inputs (as hashed):"]
-    text += [f"  {k:17}{json.dumps(v)}" for k, v in sorted(h.get("inputs", {}).items())]
-    text += ["lowered names:"] + [f"  {k} -> {v}" for k, v in h.get("lowered_names", {}).items()]
-    text += ["log:", h.get("log") or "  (empty)"]
+            f"created        {h.created_at}", f"last used      {_iso(row.last_used)}",
+            f"compile        {h.compile_seconds:.3f} s", "key inputs (as hashed):"]
+    text += [f"  {k:17}{json.dumps(v)}" for k, v in sorted(h.inputs.items())]
+    text += ["lowered names:"] + [f"  {k} -> {v}" for k, v in h.lowered_names.items()]
+    text += ["log:", h.log or "  (empty)"]
     if args.source:
-        text += ["source:", h.get("source", "")]
-        text += [f"--- header {n} ---\n{t}" for n, t in sorted(h.get("headers", {}).items())]
+        text += ["source:", h.source]
+        text += [f"--- header {n} ---\n{t}" for n, t in sorted(h.headers.items())]
     _print(obj, args.json, "\n".join(text))
     return 0
 
@@ -237,10 +237,10 @@ def cmd_stats(cache: DiskCache, args) -> int:
         "temp_files": len(temps),
         "stale_temp_files": len(cache.stale_temp_paths()),
         "stale_lock_files": len(stale_lock_paths()),
-        "compile_seconds_total": round(sum(r.entry.header.get("compile_seconds", 0) for r in good), 3),
-        "by_template": dict(Counter(r.entry.header.get("spec", {}).get("template", "?") for r in good)),
-        "by_arch": dict(Counter(r.entry.header.get("spec", {}).get("arch", "?") for r in good)),
-        "by_nvrtc": dict(Counter(r.entry.header.get("nvrtc_version", "?") for r in good)),
+        "compile_seconds_total": round(sum(r.entry.header.compile_seconds for r in good), 3),
+        "by_template": dict(Counter(r.entry.header.spec.get("template", "?") for r in good)),
+        "by_arch": dict(Counter(r.entry.header.spec.get("arch", "?") for r in good)),
+        "by_nvrtc": dict(Counter(r.entry.header.nvrtc_version for r in good)),
     }
     totals = [{"what": k.replace("_", " "), "value": format_size(v) if k == "bytes" else v}
               for k, v in obj.items() if not k.startswith("by_")]

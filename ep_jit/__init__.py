@@ -1,10 +1,9 @@
 """ep_jit: JIT-compiled MoE expert-parallel dispatch/combine kernels."""
 
-__version__ = "0.1.0"
-
 import contextlib as _contextlib
 
 from . import config as _config
+from .version import __version__
 from .errors import CompileError, ConfigError, CudaVersionError, EPJitError, GroupWarmError, NotWarmError, PeerTimeout
 from .coverage import check_warm
 from .group import GroupInfo, member_hash

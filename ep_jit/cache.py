@@ -20,6 +20,7 @@ use is its mtime, set when a process loads it, never by reading it to inspect it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -36,7 +37,8 @@ from typing import Iterator
 
 import filelock
 
-from . import __version__, config
+from . import config
+from .version import __version__
 from .errors import ConfigError, EPJitError
 
 FORMAT_VERSION = 1
@@ -50,13 +52,15 @@ STALE_SECONDS = 86400  # temp files and lock files untouched this long are left-
 log = config.log
 
 
-def key_inputs(compile_inputs: dict[str, object]) -> dict[str, object]:
-    """Everything the binary depends on: the compile's inputs plus the cache format."""
-    return {"format": FORMAT_VERSION, "ep_jit": __version__, **compile_inputs}
+def make_key(compile_inputs: dict[str, object]) -> tuple[dict[str, object], str]:
+    """The one place a key is made: everything the binary depends on (the compile's inputs,
+    the cache format, the ep_jit version) and the sha256 over its canonical JSON."""
+    inputs = {"format": FORMAT_VERSION, "ep_jit": __version__, **compile_inputs}
+    return inputs, cache_key(inputs)
 
 
 def cache_key(inputs: dict[str, object]) -> str:
-    """sha256 over canonical JSON of key_inputs()."""
+    """sha256 over canonical JSON of a key's inputs (make_key's; an entry's recorded ones)."""
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -70,24 +74,61 @@ class CacheWriteError(EPJitError):
 
 
 @dataclass(frozen=True)
-class Entry:
+class EntryHeader:
+    """What an entry says about its payload: every key input, and how it was made."""
+
     key: str
-    header: dict
-    payload: bytes
-    path: Path
+    inputs: dict             # every key input, as hashed into `key`
+    spec: dict               # the spec's fields (template, its parameters, member_hash, arch)
+    status: str              # "ok", or "failed" for a remembered compile failure (no payload)
+    lowered_names: dict      # name expression -> mangled kernel name
+    log: str                 # NVRTC's log
+    compile_seconds: float
+    created_at: str          # ISO 8601, UTC
+    ep_jit_version: str
+    nvrtc_version: str
+    source: str              # the rendered source
+    headers: dict            # every local header it includes, by name
 
     @property
     def failed(self) -> bool:
-        return self.header.get("status") == "failed"
+        return self.status == "failed"
+
+    @classmethod
+    def from_json(cls, obj: object) -> "EntryHeader":
+        """The header of a decoded entry; CorruptEntry unless every field is there with its type."""
+        if not isinstance(obj, dict) or set(obj) != _HEADER_FIELDS.keys():
+            found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise CorruptEntry(f"header fields {found}, expected {sorted(_HEADER_FIELDS)}")
+        for name, kind in _HEADER_FIELDS.items():
+            if not isinstance(obj[name], kind) or isinstance(obj[name], bool):
+                raise CorruptEntry(f"header field {name} is a {type(obj[name]).__name__}")
+        return cls(**obj)
 
 
-def encode_entry(header: dict, payload: bytes) -> bytes:
-    head = json.dumps(header, sort_keys=True).encode()
+_HEADER_FIELDS = {f.name: {"str": str, "dict": dict, "float": (int, float)}[f.type]
+                  for f in dataclasses.fields(EntryHeader)}
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    header: EntryHeader
+    payload: bytes
+    path: Path | None        # None for an entry that could not be written (kept in memory)
+
+    @property
+    def failed(self) -> bool:
+        return self.header.failed
+
+
+def encode_entry(header: EntryHeader, payload: bytes) -> bytes:
+    head = json.dumps(dataclasses.asdict(header), sort_keys=True).encode()
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(head), len(payload)) + head + payload
     return body + hashlib.sha256(body).digest()
 
 
-def decode_entry(data: bytes, key: str) -> tuple[dict, bytes]:
+def decode_entry(data: bytes, key: str) -> tuple[EntryHeader, bytes]:
     if len(data) < _PREFIX.size + _DIGEST_SIZE:
         raise CorruptEntry(f"truncated: {len(data)} bytes")
     magic, version, _, head_len, payload_len = _PREFIX.unpack_from(data)
@@ -105,10 +146,10 @@ def decode_entry(data: bytes, key: str) -> tuple[dict, bytes]:
         header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len])
     except ValueError as exc:
         raise CorruptEntry(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or header.get("key") != key:
-        raise CorruptEntry(f"header names key {header.get('key') if isinstance(header, dict) else None!r}")
-    inputs = header.get("inputs")
-    if not isinstance(inputs, dict) or cache_key(inputs) != key:
+    header = EntryHeader.from_json(header)
+    if header.key != key:
+        raise CorruptEntry(f"header names key {header.key!r}")
+    if cache_key(header.inputs) != key:
         raise CorruptEntry("its key inputs do not hash to its key")
     return header, body[_PREFIX.size + head_len:]
 
@@ -138,15 +179,6 @@ def _read_entry_file(path: Path, touch: bool) -> bytes:
         return data
     finally:
         os.close(fd)
-
-
-def decode_verified(data: bytes, key: str) -> tuple[dict, bytes]:
-    """decode_entry, and the header's key inputs must hash to `key`: for bytes that come
-    from elsewhere (a peer, a bundle), so an entry cannot claim a key it was not made for."""
-    header, payload = decode_entry(data, key)
-    if cache_key(header.get("inputs", {})) != key:
-        raise CorruptEntry("its key inputs do not hash to its key")
-    return header, payload
 
 
 _HOST = socket.gethostname().replace(".", "_")
@@ -351,7 +383,7 @@ class DiskCache:
             return False
         return True
 
-    def write(self, key: str, header: dict, payload: bytes) -> Path:
+    def write(self, key: str, header: EntryHeader, payload: bytes) -> Path:
         """Publish atomically: temp file in the target folder, fsync, rename, fsync folder.
         Raises CacheWriteError when the cache cannot be written."""
         final = self.entry_path(key)

@@ -55,7 +55,7 @@ class Source:
         return h.hexdigest()
 
     def key_inputs(self) -> dict[str, object]:
-        """The compile's inputs as they enter the cache key (see cache.cache_key)."""
+        """The compile's inputs as they enter the cache key (see cache.make_key)."""
         return {
             "template": self.spec.template,
             "source_sha256": self.source_sha256(),

@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-from . import __version__, compat
+from . import compat
+from .version import __version__
 from .cache import CorruptEntry, DiskCache, Entry
 from .compiler import cuda_header_versions, nvrtc_version
 from .config import default_arch

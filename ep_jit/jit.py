@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-from . import __version__, config
-from .cache import CacheWriteError, DiskCache, Entry, cache_key, key_inputs
+from . import config
+from .version import __version__
+from .cache import CacheWriteError, DiskCache, Entry, EntryHeader, make_key
 from .compiler import Source, compile_source, nvrtc_version, render
 from .config import log
 from .errors import CompileError, NotWarmError
@@ -127,14 +128,14 @@ def _install(spec: KernelSpec, entry: Entry, tier: Tier) -> KernelBinary:
         raise exc
     if tier in _HIT_COUNTERS:
         setattr(_stats, _HIT_COUNTERS[tier], getattr(_stats, _HIT_COUNTERS[tier]) + 1)
-    binary = _memory[spec] = KernelBinary(spec, entry.key, entry.payload, entry.header["lowered_names"])
+    binary = _memory[spec] = KernelBinary(spec, entry.key, entry.payload, entry.header.lowered_names)
     return binary
 
 
 def _keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
     source = render(spec)
-    inputs = key_inputs(source.key_inputs())
-    return source, inputs, cache_key(inputs)
+    inputs, key = make_key(source.key_inputs())
+    return source, inputs, key
 
 
 def spec_inputs(spec: KernelSpec) -> tuple[dict, str]:
@@ -166,7 +167,8 @@ def find(key: str, cache: DiskCache) -> tuple[Entry, Tier] | None:
     return publish(cache, key, shared.header, shared.payload), "shared"
 
 
-def publish(cache: DiskCache | None, key: str, header: dict, payload: bytes, must_publish: bool = False) -> Entry:
+def publish(cache: DiskCache | None, key: str, header: EntryHeader, payload: bytes,
+            must_publish: bool = False) -> Entry:
     """Write a verified entry into the local cache. A cache that cannot be written costs
     the disk tier, not the kernel (unless `must_publish`); None: the disk tier is bypassed
     (EP_JIT_ALWAYS_COMPILE)."""
@@ -209,7 +211,7 @@ def not_warm(names: list[str], cache: DiskCache) -> NotWarmError:
 
 def remembered_failure(spec: KernelSpec, entry: Entry) -> CompileError:
     return CompileError(f"NVRTC could not compile {spec.describe()}", spec=spec, key=entry.key,
-                        log=entry.header.get("log", ""), source=entry.header.get("source", ""))
+                        log=entry.header.log, source=entry.header.source)
 
 
 def _read(cache: DiskCache, key: str) -> Entry | None:
@@ -223,25 +225,22 @@ def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCach
                          must_publish: bool = False) -> Entry:
     """Compile and publish; a failure is published too (status "failed", the NVRTC log)."""
     spec = source.spec
-    header = {
-        "key": key,
-        "inputs": inputs,
-        "spec": {"template": spec.template, **spec.params(), "member_hash": spec.member_hash, "arch": spec.arch},
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ep_jit_version": __version__,
-        "nvrtc_version": nvrtc_version(),
-        "source": source.text,
-        "headers": source.headers,
-    }
+
+    def header(status: str, log_text: str, lowered: dict, seconds: float) -> EntryHeader:
+        return EntryHeader(
+            key=key, inputs=inputs, status=status, lowered_names=lowered, log=log_text, compile_seconds=seconds,
+            spec={"template": spec.template, **spec.params(), "member_hash": spec.member_hash, "arch": spec.arch},
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), ep_jit_version=__version__,
+            nvrtc_version=nvrtc_version(), source=source.text, headers=source.headers)
+
     log.info("compiling %s (key %s)", spec.describe(), key[:16])
     start = time.perf_counter()
     try:
         program = compile_source(source, key)
     except CompileError as exc:
         _stats.compile_failures += 1
-        return publish(cache, key, {**header, "status": "failed", "log": exc.log, "lowered_names": {},
-                                    "compile_seconds": time.perf_counter() - start}, b"", must_publish)
+        return publish(cache, key, header("failed", exc.log, {}, time.perf_counter() - start), b"", must_publish)
     _stats.compiles += 1
     _stats.compile_seconds += program.seconds
-    return publish(cache, key, {**header, "status": "ok", "log": program.log, "lowered_names": program.lowered_names,
-                                "compile_seconds": program.seconds}, program.cubin, must_publish)
+    return publish(cache, key, header("ok", program.log, program.lowered_names, program.seconds), program.cubin,
+                   must_publish)

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from ep_jit.cache import DiskCache
 
 N = 4  # the tiny preset's kernels

@@ -1,10 +1,11 @@
+import dataclasses
 import os
 import stat
 
 import pytest
 
 import ep_jit
-from conftest import run_py
+from helpers import run_py
 from ep_jit import CompileError, ConfigError, get_kernel, member_hash
 from ep_jit.cache import DiskCache, decode_entry, encode_entry
 from ep_jit.jit import clear_memory_cache, resolve, spec_key
@@ -52,7 +53,7 @@ def test_shared_root_is_refused_unless_opted_in(cache_env, monkeypatch):
 def test_entry_roundtrip_and_header_contents(cache_env):
     binary, _ = resolve(layout_spec())
     entry = DiskCache().read(binary.key)
-    h = entry.header
+    h = dataclasses.asdict(entry.header)
     assert entry.payload == binary.cubin
     assert h["status"] == "ok" and h["key"] == binary.key
     assert h["inputs"]["member_hash"] == member_hash([0, 1, 2, 3])
@@ -100,11 +101,12 @@ def test_entry_with_another_keys_header_is_corrupt(cache_env):
     assert len(list((cache_env / "quarantine").iterdir())) == 1
 
 
-def test_decode_rejects_wrong_format_version():
-    data = bytearray(encode_entry({"key": "k"}, b"x"))
+def test_decode_rejects_wrong_format_version(cache_env):
+    binary, _ = resolve(layout_spec())
+    data = bytearray(encode_entry(DiskCache().read(binary.key).header, b"x"))
     data[8] = 99
     with pytest.raises(Exception, match="format 99"):
-        decode_entry(bytes(data), "k")
+        decode_entry(bytes(data), binary.key)
 
 
 # ---- key sensitivity --------------------------------------------------------

@@ -1,6 +1,7 @@
 """A hostile or broken filesystem: what stands in place of an entry, links that lead out
 of the cache root, a cache that cannot be written, the lock folder, last use."""
 
+import dataclasses
 import errno
 import logging
 import os
@@ -11,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from ep_jit import ConfigError, get_kernel
 from ep_jit.cache import DiskCache, encode_entry
 from ep_jit.jit import clear_memory_cache, resolve, spec_key
@@ -91,7 +92,7 @@ def test_entry_whose_key_inputs_hash_elsewhere_is_corrupt(cache_env):
     good, _ = resolve(layout_spec())
     cache = DiskCache()
     entry = cache.read(good.key)
-    forged = {**entry.header, "inputs": {**entry.header["inputs"], "arch": "sm_100a"}}  # key and digest stay valid
+    forged = dataclasses.replace(entry.header, inputs={**entry.header.inputs, "arch": "sm_100a"})  # key, digest valid
     entry.path.write_bytes(encode_entry(forged, entry.payload))
     assert cache.read(good.key) is None and len(_quarantined(cache_env)) == 1
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from ep_jit import member_hash
 from ep_jit.cache import _HOST, DiskCache
 from ep_jit.transports import BUFFER_TEMPLATES

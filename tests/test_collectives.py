@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import spawn_ranks
+from helpers import spawn_ranks
 
 TORCH_WORKER = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist

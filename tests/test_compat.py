@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from ep_jit import CudaVersionError, compat, compiler, runtime
 from ep_jit.errors import ConfigError
 

@@ -77,7 +77,7 @@ def test_spec_is_hashable_value():
 def test_cubin_is_deterministic_across_processes(cache_env):
     import hashlib
     import os
-    from conftest import run_py
+    from helpers import run_py
     code = ("import sys, hashlib; sys.path.insert(0, 'tests'); from helpers import layout_spec\n"
             "from ep_jit.compiler import render, compile_source\n"
             "print(hashlib.sha256(compile_source(render(layout_spec()), 'k').cubin).hexdigest())")
@@ -90,7 +90,7 @@ def test_cubin_is_deterministic_across_processes(cache_env):
 def test_compiling_leaves_the_interpreters_shared_bytes_alone(cache_env):
     # NVRTC writes into the buffer it is handed; an empty log has size 1, and b" " is a
     # one-byte object the whole interpreter shares
-    from conftest import REPO, run_py
+    from helpers import REPO, run_py
     code = ("import sys; sys.path.insert(0, 'tests'); from helpers import layout_spec\n"
             "from ep_jit.compiler import render, compile_source\n"
             "prog = compile_source(render(layout_spec()), 'k')\n"

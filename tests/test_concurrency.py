@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from helpers import REPO
 from ep_jit.cache import DiskCache
 from ep_jit.transports import BUFFER_TEMPLATES
 

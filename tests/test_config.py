@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import REPO, run_cli, run_py
+from helpers import REPO, run_cli, run_py
 from ep_jit import ConfigError, config
 from ep_jit.cache import DiskCache
 from ep_jit.jit import clear_memory_cache, resolve

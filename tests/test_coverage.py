@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import ep_jit
-from conftest import REPO, run_cli, run_py
+from helpers import REPO, run_cli, run_py
 from ep_jit import compat
 from ep_jit.compiler import nvrtc_version
 

@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from conftest import free_ports, run_py, spawn_ranks
+from helpers import free_ports, run_py, spawn_ranks
 from ep_jit import GroupInfo, member_hash
 from ep_jit.frameworks import bind_group
 

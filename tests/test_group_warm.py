@@ -9,7 +9,7 @@ import time
 import pytest
 
 import ep_jit
-from conftest import spawn_ranks
+from helpers import spawn_ranks
 from ep_jit import GroupInfo
 from ep_jit.cache import DiskCache
 from ep_jit.jit import clear_memory_cache, resolve

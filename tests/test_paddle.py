@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from ep_jit import member_hash
 
 paddle = pytest.importorskip("paddle")
@@ -120,7 +120,7 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.parametrize("world", [3])  # 4 CPU gloo processes time out on 2-core machines
 def test_paddle_gloo_groups(world):
-    from conftest import spawn_ranks
+    from helpers import spawn_ranks
     from test_group import _lines, _paddle_env
     outs = spawn_ranks(WORKER, world, _paddle_env(world))
     members = list(range(1, world))  # group.ranks comes back ascending

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 import ep_jit
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from ep_jit.cache import DiskCache
 from ep_jit.jit import clear_memory_cache, resolve
 from ep_jit.plan import preset_job

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import zipfile
 
-from conftest import REPO
+from helpers import REPO
 
 from ep_jit.transports import BUFFER_TEMPLATES
 

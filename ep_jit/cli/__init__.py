@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
-from .. import __version__
+from ..version import __version__
 
 TABLE_WIDTH = 100  # tables fit this many columns unless --wide
 

@@ -9,7 +9,8 @@ import json
 import os
 import sys
 
-from .. import __version__, config, toolchain
+from .. import config, toolchain
+from ..version import __version__
 from ..errors import ConfigError
 from . import OneLineParser, run
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import GPU_COUNT, REPO, free_port
+from helpers import GPU_COUNT, REPO, free_port
 
 WORKER = REPO / "tests" / "ep_worker.py"
 

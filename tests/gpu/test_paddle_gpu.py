@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import GPU_COUNT, REPO, free_ports
+from helpers import GPU_COUNT, REPO, free_ports
 
 paddle = pytest.importorskip("paddle")
 
