@@ -75,6 +75,7 @@ class NVLinkTransport:
         if num_sms > per_sm * sms:
             raise ValueError(f"num_sms: expected at most {per_sm * sms} (combine's blocks must all be resident at "
                              f"once), got {num_sms}")
+
     # ---- errors -----------------------------------------------------------------
 
     def check_error(self) -> None:
