@@ -1,5 +1,5 @@
 """Intra-node dispatch/combine on real GPUs: one process per GPU, checked against a CPU
-reference (tests/ep_reference.py). Skipped without enough GPUs."""
+reference (tests/gpu/ep_reference.py). Skipped without enough GPUs."""
 
 import os
 import random
@@ -10,7 +10,7 @@ import pytest
 
 from helpers import GPU_COUNT, REPO, free_port
 
-WORKER = REPO / "tests" / "ep_worker.py"
+WORKER = REPO / "tests" / "gpu" / "ep_worker.py"
 
 
 def run_ranks(suite: str, world: int, own_gpus: bool = False) -> list[str]:

@@ -25,7 +25,7 @@ def test_paddle_dispatch_combine_match_reference(world):
         env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(r), "WORLD_SIZE": str(world),
                "PADDLE_TRAINER_ID": str(r), "PADDLE_TRAINERS_NUM": str(world), "PADDLE_TRAINER_ENDPOINTS": eps,
                "PADDLE_CURRENT_ENDPOINT": f"127.0.0.1:{ports[r]}"}
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "ep_worker_paddle.py")], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "gpu" / "ep_worker_paddle.py")], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for r, p in enumerate(procs):
         out, _ = p.communicate(timeout=600)

@@ -1,8 +1,8 @@
 """One rank of the Paddle GPU checks: the same inputs and CPU reference as the torch
-worker (tests/ep_worker.py), through Paddle tensors, a Paddle group and Paddle streams.
+worker (tests/gpu/ep_worker.py), through Paddle tensors, a Paddle group and Paddle streams.
 
     PADDLE_TRAINER_ID=.. PADDLE_TRAINERS_NUM=.. PADDLE_TRAINER_ENDPOINTS=.. \\
-    PADDLE_CURRENT_ENDPOINT=.. RANK=.. WORLD_SIZE=.. python tests/ep_worker_paddle.py
+    PADDLE_CURRENT_ENDPOINT=.. RANK=.. WORLD_SIZE=.. python tests/gpu/ep_worker_paddle.py
 """
 
 import os

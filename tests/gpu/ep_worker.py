@@ -1,7 +1,7 @@
 """One rank of the multi-GPU EP checks (run by tests/gpu/test_ep_gpu.py, one process per
 GPU; rank r on GPU r % count, so ranks share GPUs where there are more ranks than GPUs).
 
-    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. EP_TEST_SEED=.. python tests/ep_worker.py SUITE
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. EP_TEST_SEED=.. python tests/gpu/ep_worker.py SUITE
 
 Every rank draws every rank's inputs from the shared seed, so each can build the CPU
 reference of what it must receive without communication. Prints "OK <suite> <n checks>".
