@@ -62,8 +62,6 @@ def test_members_sharing_gpus(world):
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_thousand_rounds(world):
-    if world > GPU_COUNT:
-        pytest.skip(f"{GPU_COUNT} GPUs: time-sliced ranks take about a second a round")
     run_ranks("rounds", world)
 
 
