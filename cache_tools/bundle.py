@@ -26,9 +26,9 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ep_jit import __version__
-from ep_jit.cache import CorruptEntry, DiskCache, decode_entry
+from ep_jit.cache import CacheWriteError, CorruptEntry, DiskCache, decode_entry, encode_entry
 from ep_jit.jit import spec_key
+from ep_jit.version import __version__
 
 from .coverage import add_plan_arguments, selected_specs
 
@@ -64,7 +64,7 @@ def _selected(cache: DiskCache, args) -> dict[str, bytes]:
         except (CorruptEntry, OSError):
             continue  # cache-inspect verify reports these; a bundle carries only good entries
         if not entry.failed and (wanted is None or entry.key in wanted):
-            out[entry.key] = path.read_bytes()
+            out[entry.key] = encode_entry(entry.header, entry.payload)  # the bytes that verified
     if wanted is not None and wanted - set(out):
         raise BundleRefused(f"{len(wanted - set(out))} of the plan's {len(wanted)} kernels are not in {cache.root}; "
                             f"run ep-jit-warm with the same plan first")
@@ -180,7 +180,7 @@ def import_bundle(cache: DiskCache, path: Path) -> dict:
 
 # ---- commands -------------------------------------------------------------------------
 
-def _refused(verb: str, exc: BundleRefused) -> int:
+def _refused(verb: str, exc: Exception) -> int:
     reason = " ".join(str(exc).split())  # one line, whatever the library said
     sys.stderr.write(f"cache-inspect: error: {verb}: {reason}\n")
     return 1
@@ -198,7 +198,7 @@ def cmd_export(cache: DiskCache, args) -> int:
 def cmd_import(cache: DiskCache, args) -> int:
     try:
         out = import_bundle(cache, args.bundle)
-    except BundleRefused as exc:
+    except (BundleRefused, CacheWriteError) as exc:  # a cache that cannot be written: what landed stays valid
         return _refused(f"import {args.bundle}", exc)
     print(json.dumps(out, indent=2) if args.json else
           f"imported {out['imported']} entries into {out['cache_dir']} ({out['already_present']} already there)")

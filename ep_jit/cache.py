@@ -281,7 +281,7 @@ class DiskCache:
         if bad is not None:
             raise CacheWriteError(f"{bad} is a symbolic link or not a folder; the cache never writes through it")
 
-    def _private_folder(self, folder: Path) -> None:
+    def private_folder(self, folder: Path) -> None:
         """Create `folder` (0700) below the root, refusing links before and after."""
         self._refuse_links(folder)
         _make_private_dir(folder)
@@ -364,7 +364,7 @@ class DiskCache:
         """Move a bad entry (or whatever stands in its place) aside. Returns where it went,
         or None if it was already gone."""
         self._refuse_links(path.parent)
-        self._private_folder(self.quarantine_dir)
+        self.private_folder(self.quarantine_dir)
         target = self.quarantine_dir / f"{path.name}.{time.time_ns()}.{os.getpid()}"
         try:
             os.replace(path, target)
@@ -389,7 +389,7 @@ class DiskCache:
         final = self.entry_path(key)
         try:
             self.ensure_root()
-            self._private_folder(final.parent)
+            self.private_folder(final.parent)
             self._remove_dead_writers_temps(key)
             fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{key}.{_HOST}.{os.getpid()}.", suffix=".tmp")
         except OSError as exc:

@@ -19,7 +19,7 @@ from cuda.bindings import nvrtc
 from . import config
 from .errors import CompileError, ConfigError
 from .kernels.catalogue import TEMPLATES
-from .kernels.constants import shipped_template_dir
+from .kernels.constants import HOST_SHARED_HEADERS, shipped_template_dir
 from .spec import KernelSpec
 from .toolchain import check, cuda_header_versions, cuda_include_dirs, nvrtc_version
 
@@ -33,7 +33,14 @@ def template_dir() -> Path:
     """$EP_JIT_TEMPLATE_DIR, else templates/ inside an installed wheel, else beside the
     package in a source tree."""
     explicit = config.template_dir_override()  # an existing folder, else ConfigError
-    return explicit if explicit is not None else shipped_template_dir()
+    if explicit is None:
+        return shipped_template_dir()
+    for name in HOST_SHARED_HEADERS:  # the host's structs and constants are built from the installed ones
+        mine, theirs = shipped_template_dir() / name, explicit / name
+        if theirs.is_file() and theirs.read_bytes() != mine.read_bytes():
+            raise ConfigError(f"EP_JIT_TEMPLATE_DIR: expected {name} identical to the installed {mine} (the host "
+                              f"mirrors it), got a different {theirs}")
+    return explicit
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ environment has 13.0").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,14 +22,14 @@ from pathlib import Path
 from typing import Iterable
 
 from . import compat
-from .version import __version__
-from .cache import CorruptEntry, DiskCache, Entry
-from .compiler import cuda_header_versions, nvrtc_version
+from .cache import CacheWriteError, CorruptEntry, DiskCache, Entry
 from .config import default_arch
 from .jit import spec_inputs
 from .plan import PRESETS, load_plan, preset_job, unique_specs
 from .shared import read_shared, shared_caches
 from .spec import KernelSpec
+from .toolchain import cuda_header_versions, nvrtc_version
+from .version import __version__
 
 RECORD_FORMAT = 1
 RECORDS_DIR = "coverage"
@@ -62,13 +63,21 @@ def record(cache: DiskCache, specs: Iterable[KernelSpec]) -> Path:
     name = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
     doc = {**body, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     folder = cache.root / RECORDS_DIR
-    cache.ensure_root()
-    folder.mkdir(mode=0o700, exist_ok=True)
-    target = folder / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".record.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-    os.replace(tmp, target)  # readers see the old record or the new one, never half of one
+    try:
+        cache.ensure_root()
+        cache.private_folder(folder)  # never through a link, never over a file
+        target = folder / f"{name}.json"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".record.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+            os.replace(tmp, target)  # readers see the old record or the new one, never half of one
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise CacheWriteError(f"coverage record in {folder}: {exc}") from None
     return target
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from .cache import CorruptEntry, DiskCache, Entry, decode_entry, encode_entry
-from .config import log, require_warm
+from .config import always_compile, log, require_warm
 from .errors import CompileError, GroupWarmError
 from .frameworks import group_all_gather, group_info
 from .jit import KernelBinary, Tier, cached, fetch_or_build, find, get_kernel, install, not_warm, publish, resolve, \
@@ -42,6 +42,8 @@ def warm(specs: Iterable[KernelSpec], group: Any, *, all_gather: Gather | None =
     found: dict[str, tuple[Entry, Tier]] = {}
     keys: list[str] = []
     reports = _exchange(gather, lambda: _survey(unique, cache, keys, found))
+    if any(r["always_compile"] for r in reports):  # EP_JIT_ALWAYS_COMPILE: no disk, no sharing, anywhere
+        return [resolve(s)[0] for s in wanted]
     plan = _plan(reports)
     to_compile = [k for k, (_, action) in plan.items() if action == "compile"]
     if to_compile and any(r["require_warm"] for r in reports):
@@ -82,12 +84,13 @@ def _survey(specs: list[KernelSpec], cache: DiskCache, keys: list[str], found: d
         keys.append(key)
         if cached(spec) is not None:
             continue
-        hit = find(key, cache)
+        hit = None if always_compile() else find(key, cache)
         if hit is None:
             lacking[key] = spec.describe()
         else:
             found[key] = hit
-    return {"keys": set(keys), "held": set(found), "lacking": lacking, "require_warm": require_warm()}
+    return {"keys": set(keys), "held": set(found), "lacking": lacking, "require_warm": require_warm(),
+            "always_compile": always_compile()}
 
 
 def _plan(reports: list[dict]) -> Plan:

@@ -12,11 +12,15 @@ from cuda.bindings import nvrtc
 from cuda.pathfinder import DynamicLibNotFoundError, find_nvidia_header_directory, load_nvidia_dynamic_lib
 
 from .compat import EXTRAS_HINT
-from .errors import ConfigError
+from .errors import ConfigError, EPJitError
 
 ARCH_PATTERN = re.compile(r"^sm_([0-9]{2,3})([af]?)$")
 # CUDA's suffix rules: arch-specific targets ("a") exist from sm_90, family targets ("f") from sm_100.
 SUFFIX_FROM = {"": 0, "a": 90, "f": 100}
+
+
+class NVRTCError(EPJitError):
+    """An NVRTC call other than the compile itself failed."""
 
 
 def check(result: tuple, what: str) -> tuple:
@@ -24,7 +28,7 @@ def check(result: tuple, what: str) -> tuple:
     err, *rest = result
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         _, msg = nvrtc.nvrtcGetErrorString(err)
-        raise RuntimeError(f"{what} failed: {msg.decode(errors='replace')}")
+        raise NVRTCError(f"{what} failed: {msg.decode(errors='replace')}")
     return tuple(rest)
 
 

@@ -183,3 +183,11 @@ def test_not_a_tar_is_refused(tmp_path, cache_env):
     bad.write_bytes(b"\x93NUMPY" + bytes(5000))
     _refused(bad, tmp_path / "target")
     assert "not a readable tar file" in _refused(tmp_path / "missing.tar", tmp_path / "target")
+
+
+def test_import_into_a_cache_that_cannot_be_written_ends_in_one_line(bundle, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    (target / "v1").write_text("a file where the entries folder goes")
+    out = inspect("import", str(bundle), "--cache-dir", str(target))
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

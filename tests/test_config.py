@@ -125,3 +125,12 @@ def test_readme_lists_every_setting_with_its_form():
     assert set(rows) == set(config.SETTINGS)
     for name, setting in config.SETTINGS.items():
         assert rows[name].strip() == setting.form, name
+
+
+def test_a_template_override_may_not_change_what_the_host_mirrors(cache_env, template_copy):
+    from ep_jit.compiler import template_dir
+    assert template_dir() == template_copy  # an identical copy is fine
+    path = template_copy / "ep_constants.cuh"
+    path.write_text(path.read_text().replace("kCopyThreads = 512", "kCopyThreads = 256"))
+    with pytest.raises(ConfigError, match="EP_JIT_TEMPLATE_DIR: expected ep_constants.cuh identical"):
+        template_dir()

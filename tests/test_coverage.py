@@ -106,3 +106,20 @@ def test_check_warm_compiles_and_writes_nothing(cache_env, plan):
     out = run_py(f"import ep_jit; r = ep_jit.check_warm({str(plan)!r}); print(r.ok, ep_jit.stats()['compiles'])")
     assert out.stdout.split() == ["False", "0"], out.stderr
     assert not cache_env.exists()
+
+
+@pytest.mark.parametrize("planted", ["file", "link"])
+def test_a_coverage_folder_that_is_not_a_folder_fails_the_run_in_one_line(cache_env, plan, tmp_path, planted):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cache_env.mkdir(mode=0o700)
+    target = cache_env / "coverage"
+    if planted == "file":
+        target.write_text("not a folder")
+    else:
+        target.symlink_to(outside)
+    out = run_cli("ep_jit.cli.warm", "--plan", str(plan), "--json")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["coverage_record"] is None and summary["failures"][-1]["spec"] == "coverage record"
+    assert list(outside.iterdir()) == []  # nothing written through the link

@@ -7,9 +7,8 @@ import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
+from ..errors import ConfigError, EPJitError
 from ..version import __version__
-
-TABLE_WIDTH = 100  # tables fit this many columns unless --wide
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -39,6 +38,9 @@ def run(main: Callable[[], int]) -> int:
         # Python flushes stdout again at exit: point it at /dev/null so that stays quiet too
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for a tool ended by SIGPIPE
+    except (EPJitError, OSError) as exc:  # one line, never a traceback: 2 for a bad setting, else 1
+        print(f"{os.path.basename(sys.argv[0])}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
 
 
 Column = tuple[str, int]  # header (also the row key), width: negative aligns right, 0 never cuts

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from .. import config, toolchain
-from ..version import __version__
 from ..errors import ConfigError
+from ..version import __version__
 from . import OneLineParser, run
 
 

@@ -21,7 +21,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from .. import config, coverage
-from ..cache import DiskCache, private_lock_folder
+from ..cache import CacheWriteError, DiskCache, private_lock_folder
 from ..errors import ConfigError, EPJitError
 from ..jit import lookup, remembered_failure, resolve, spec_key
 from ..plan import PRESETS, Job, Origin, PlanError, job_from_table, load_plan, unique_specs
@@ -184,7 +184,12 @@ def _main(argv: list[str] | None) -> int:
         dry_run(specs, cache, args.json, args.wide)
         return 0
     summary = warm(specs, cache, args.jobs, progress=sys.stderr.isatty() and not args.json)
-    summary["coverage_record"] = str(coverage.record(cache, specs))  # what cache-inspect coverage explains from
+    try:  # what cache-inspect coverage explains misses from
+        summary["coverage_record"] = str(coverage.record(cache, specs))
+    except CacheWriteError as exc:
+        summary["coverage_record"] = None
+        summary["failed"] += 1
+        summary["failures"].append({"spec": "coverage record", "error": str(exc)})
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import ConfigError
 
 HEADER = "ep_constants.cuh"
+HOST_SHARED_HEADERS = (HEADER, "ep_args.cuh")  # what the host reads or mirrors, so no template override may change
 _DEFINITION = re.compile(r"^\s*(?:constexpr int\s+)?(k[A-Za-z0-9]+)\s*=\s*(-?\d+)\s*[;,]", re.M)
 
 
