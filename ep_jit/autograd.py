@@ -79,6 +79,13 @@ def combine_backward(engine: Engine, handle: Handle, stream: Any, y: Any, weight
     return _cast(g * weights[:, None], "bf16"), (_cast(y, "float32") * g).sum(-1)
 
 
+def _dispatch_call(engine: Engine, x: Any, topk_weights: Any, call: dict) -> DispatchResult:
+    """Run the dispatch a Function's forward records; the result also goes back through `call`."""
+    call["result"] = engine.dispatch_raw(x, call["topk_idx"], topk_weights, call["scales"], call["stream"],
+                                         call["capacity"], call["layout"], call["pad_multiple"])
+    return call["result"]
+
+
 # ---- torch -------------------------------------------------------------------------
 
 def _torch_functions() -> tuple[type, type]:
@@ -87,9 +94,8 @@ def _torch_functions() -> tuple[type, type]:
     class Dispatch(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, topk_weights, engine, call):
-            result = engine.dispatch_raw(x, *call["args"])
-            ctx.engine, ctx.handle, ctx.stream = engine, result.handle, call["args"][2]
-            call["result"] = result
+            result = _dispatch_call(engine, x, topk_weights, call)
+            ctx.engine, ctx.handle, ctx.stream = engine, result.handle, call["stream"]
             if x.dtype != torch.bfloat16:
                 ctx.mark_non_differentiable(result.recv_x)
             return result.recv_x, routed_weights(result)
@@ -124,10 +130,9 @@ def _paddle_functions() -> tuple[type, type]:
     class Dispatch(PyLayer):
         @staticmethod
         def forward(ctx, x, topk_weights, engine, call):
-            result = engine.dispatch_raw(x, *call["args"])
-            ctx.engine, ctx.handle, ctx.stream = engine, result.handle, call["args"][2]
+            result = _dispatch_call(engine, x, topk_weights, call)
+            ctx.engine, ctx.handle, ctx.stream = engine, result.handle, call["stream"]
             ctx.wants = (not x.stop_gradient, not topk_weights.stop_gradient)
-            call["result"] = result
             return result.recv_x, routed_weights(result)
 
         @staticmethod
@@ -166,7 +171,8 @@ def dispatch(engine: Engine, x: Any, topk_idx: Any, topk_weights: Any, scales: A
              capacity: int | None, layout: str, pad_multiple: int | None) -> DispatchResult:
     """engine.dispatch_raw, recorded for autograd: recv_x and the routed weights carry the graph,
     and the handle remembers the weights combine applies (expert layout)."""
-    call = {"args": (topk_idx, scales, stream, capacity, layout, pad_multiple)}
+    call = dict(topk_idx=topk_idx, scales=scales, stream=stream, capacity=capacity, layout=layout,
+                pad_multiple=pad_multiple)
     recv_x, weights = _functions(framework_of(x))[0].apply(x, topk_weights, engine, call)
     result: DispatchResult = call["result"]
     result.handle.weights_node = weights
