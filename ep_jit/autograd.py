@@ -153,7 +153,8 @@ def _paddle_functions() -> tuple[type, type]:
         def backward(ctx, grad_out):
             y, weights = ctx.saved_tensor()
             grads = combine_backward(ctx.engine, ctx.handle, ctx.stream, y, weights, grad_out)
-            return tuple(g if want else None for g, want in zip(grads, ctx.wants))
+            picked = tuple(g if want else None for g, want in zip(grads, ctx.wants))
+            return picked if weights is not None else picked[0]  # one per tensor input
 
     return Dispatch, Combine
 

@@ -204,10 +204,13 @@ def suite_gradcheck() -> int:
                 # every rank moves along its own direction at once: the loss sums over ranks
                 numeric = (loss(plus[0].bfloat16(), plus[1]) - loss(minus[0].bfloat16(), minus[1])) / (2 * eps)
                 pairs = [None] * WORLD
-                dist.all_gather_object(pairs, (float((grad * d).sum()), numeric))
+                dist.all_gather_object(pairs, (float((grad * d).sum()), numeric, float((grad * d).abs().sum())))
                 analytic, numeric = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
-                assert abs(analytic - numeric) <= 3e-2 * abs(analytic) + 1e-3, \
-                    f"{layout} {name}: autograd {analytic:.5g}, finite differences {numeric:.5g}"
+                # relative to the sum of the terms' sizes: the bf16 forward's rounding does not
+                # shrink when the terms cancel
+                scale = sum(p[2] for p in pairs)
+                assert abs(analytic - numeric) <= 1e-2 * scale + 1e-3, \
+                    f"{layout} {name}: autograd {analytic:.5g}, finite differences {numeric:.5g}, terms {scale:.5g}"
                 n += 1
     return n
 
