@@ -25,24 +25,11 @@ __device__ __forceinline__ void st_stream(int4* p, const int4& v) {
                  :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
 
-// Lanes of a warp copy `n_vec` int4s together, kUnroll loads in flight per lane (the
-// tail too, predicated). Reads from a peer want 8 (fewer round trips over NVLink); local
-// copies run faster with 4 (measured on H200).
-template <int kUnroll = 4>
-__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n_vec, int lane) {
-    for (int i = lane; i < n_vec; i += kUnroll * kWarpSize) {
-        int4 v[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kWarpSize < n_vec) v[u] = ld_stream(src + i + u * kWarpSize);
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kWarpSize < n_vec) st_stream(dst + i + u * kWarpSize, v[u]);
-    }
-}
-
-// warp_copy of one source row into each of the rows `rows` (< 0: none; the same on every
-// lane) of `dst`, each read once: the expert layout writes a token to every expert it picked.
+// Lanes of a warp copy one row of `n_vec` int4s from `src` into each of the rows `rows` of
+// `dst` (< 0: none; the same on every lane), kUnroll loads in flight per lane (the tail too,
+// predicated), each vector read once: the expert layout writes a token to every expert it
+// picked. Reads from a peer want 8 (fewer round trips over NVLink); local copies run faster
+// with 4 (measured on H200).
 template <int kUnroll, int kRows>
 __device__ __forceinline__ void warp_copy_to_rows(int4* dst, const int (&rows)[kRows], const int4* src, int n_vec,
                                                   int lane) {
@@ -60,6 +47,13 @@ __device__ __forceinline__ void warp_copy_to_rows(int4* dst, const int (&rows)[k
                 if (i + u * kWarpSize < n_vec) st_stream(to + i + u * kWarpSize, v[u]);
         }
     }
+}
+
+// The one-row copy: `n_vec` int4s from src to dst.
+template <int kUnroll = 4>
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n_vec, int lane) {
+    const int here[1] = {0};
+    warp_copy_to_rows<kUnroll, 1>(dst, here, src, n_vec, lane);
 }
 
 // ---- system-scope flags ----------------------------------------------------

@@ -6,7 +6,6 @@ tests/gpu/test_ep_layout_gpu.py like tests/ep_worker.py, whose inputs and helper
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ep_reference import expert_combine_reference, expert_layout_reference, expert_output  # noqa: E402
-from ep_worker import DEV, RANK, SEED, WORLD, bits, inputs, poison  # noqa: E402
+from ep_worker import DEV, RANK, SEED, WORLD, bits, case_buffers, inputs, main, named, poison  # noqa: E402
 
 import ep_jit  # noqa: E402
 import ep_jit.jit  # noqa: E402
@@ -65,23 +64,15 @@ def check_expert_round(buf, data, E, H, dtype, pad, capacity=None) -> None:
 def suite_expert() -> int:
     """The expert layout, bitwise against the CPU reference, in both modes and several P."""
     n = 0
-    for (H, E, K), dtype in LAYOUT_CASES:
-        if E % WORLD:
-            continue
-        with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=128, dtype=dtype,
-                           num_sms=max(8, WORLD + 1)) as buf:
-            for i, kind in enumerate(LAYOUT_KINDS):
-                data = inputs(kind, E, K, H, dtype, 128, SEED + 1000 * n + i)
-                pad = PADS[(n + i) % len(PADS)]
-                for capacity in (None, WORLD * 128 * K + pad * E):
-                    try:
-                        check_expert_round(buf, data, E, H, dtype, pad, capacity)
-                    except AssertionError as e:
-                        print(f"FAILED H={H} E={E} K={K} {dtype} {kind} P={pad} capacity={capacity}: {e}", flush=True)
-                        raise
-                    n += 1
-        # a capacity too small is reported, as in the token layout
-    H, E, K = 2048, 8, 2
+    for H, E, K, dtype, buf in case_buffers(LAYOUT_CASES, 128):
+        for i, kind in enumerate(LAYOUT_KINDS):
+            data = inputs(kind, E, K, H, dtype, 128, SEED + 1000 * n + i)
+            pad = PADS[(n + i) % len(PADS)]
+            for capacity in (None, WORLD * 128 * K + pad * E):
+                with named(f"H={H} E={E} K={K} {dtype} {kind} P={pad} capacity={capacity}"):
+                    check_expert_round(buf, data, E, H, dtype, pad, capacity)
+                n += 1
+    H, E, K = 2048, 8, 2  # a capacity too small is reported, as in the token layout
     with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=64, num_sms=8) as buf:
         data = inputs("full", E, K, H, "bf16", 64, SEED + 7)
         g = [t.to(DEV) for t in data[RANK][:3]]
@@ -162,14 +153,11 @@ def suite_train() -> int:
             W_local = W[RANK * local:(RANK + 1) * local].to(DEV).requires_grad_()
             out = moe_forward(buf, x, idxs[RANK].to(DEV), w, W_local, layout, pad)
             (out.float() * grads[RANK].to(DEV)).sum().backward()
-            try:
+            with named(f"layout={layout} P={pad}"):
                 close("output", out, ref_out[RANK])
                 close("x.grad", x.grad, ref_gx[RANK])
                 close("topk_weights.grad", w.grad, ref_gw[RANK])
                 close("expert weight grads", W_local.grad, ref_gW[RANK * local:(RANK + 1) * local])
-            except AssertionError as e:
-                print(f"FAILED layout={layout} P={pad}: {e}", flush=True)
-                raise
             n += 1
     return n
 
@@ -256,14 +244,4 @@ def suite_lazy() -> int:
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(int(os.environ.get("EP_TEST_HANG_S", "840")), exit=True)
-    torch.cuda.set_device(DEV)
-    sharing = WORLD > torch.cuda.device_count()
-    dist.init_process_group("gloo" if sharing else "nccl", device_id=None if sharing else DEV)
-    suite = sys.argv[1]
-    try:
-        count = globals()[f"suite_{suite}"]()
-        dist.barrier()
-        print(f"OK {suite} {count}", flush=True)
-    finally:
-        dist.destroy_process_group()
+    main(globals())
