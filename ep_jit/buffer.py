@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from cuda.bindings import driver
 
+from . import autograd
+from .autograd import needs_grad
 from .errors import PeerTimeout
 from .frameworks import Adapter, TensorView, adapter_for, bind_group, framework_of, resolve_stream, view
 from .kernels.constants import MAX_LOCAL_EXPERTS, MAX_RANKS, SCALE_BLOCK
@@ -45,7 +47,8 @@ def _positive(name: str, value: Any) -> int:
 class Buffer:
     def __init__(self, group: Any, hidden: int, num_experts: int, topk: int, max_tokens_per_rank: int,
                  dtype: str = "bf16", num_sms: int = 24, *, transport: str = "nvlink", device: int | None = None,
-                 all_gather: Callable[[Any], list] | None = None, timeout_s: float = 60.0) -> None:
+                 all_gather: Callable[[Any], list] | None = None, timeout_s: float = 60.0,
+                 warm: bool = False) -> None:
         """`group`: a torch or paddle process group, or a GroupInfo (then pass `device` and,
         for more than one member, `all_gather(obj) -> list` in group-rank order).
 
@@ -53,7 +56,11 @@ class Buffer:
         otherwise) or "collective" (the group framework's all_to_all; any topology, needs a
         torch or paddle group and that framework's tensors). `timeout_s`: how long a rank
         waits for its peers before PeerTimeout (with "collective", for the count exchange;
-        the group's own timeout governs its collectives)."""
+        the group's own timeout governs its collectives).
+
+        No kernel is compiled or loaded here: each is fetched (memory, disk, then NVRTC;
+        collectively, through ep_jit.warm) by the first operation that needs it. `warm=True`
+        fetches every kernel a Buffer can ask for now, as `warm()` does later."""
         transport_type = transport_class(transport)
         bound = bind_group(group, device, all_gather)
         self.group, R = bound.info, bound.info.size
@@ -80,6 +87,18 @@ class Buffer:
         self._transport = transport_type(Setup(bound, hidden, num_experts, topk, self.dtype, self.max_tokens,
                                                num_sms, timeout_s, device_arch(self.device)))
         self._retained: list[tuple[Any, list]] = []
+        if warm:
+            self.warm()
+
+    def warm(self) -> None:
+        """Fetch every kernel this Buffer can launch (every layout, backward and dtype path),
+        in one collective round: call it on every member."""
+        self._transport.kernels.warm()
+
+    @property
+    def first_fetch_s(self) -> dict[str, float]:
+        """Seconds the first fetch of each kernel template took, by template."""
+        return dict(self._transport.kernels.first_fetch_s)
 
     @property
     def closed(self) -> bool:
@@ -126,20 +145,50 @@ class Buffer:
     # ---- dispatch ---------------------------------------------------------------
 
     def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, scales: Any = None, stream: Any = None,
-                 capacity: int | None = None) -> DispatchResult:
+                 capacity: int | None = None, *, layout: str = "token", pad_multiple: int | None = None
+                 ) -> DispatchResult:
         """Send every token to the ranks that hold its experts.
 
-        Default: the host waits for the count exchange only and returns exact-size outputs.
+        `layout="token"` (default): one row per (token, receiving rank), ordered by (source
+        rank, source token); recv_topk_idx / recv_topk_weights say which local experts it is for.
+        `layout="expert"`: one row per (token, local expert) pair, grouped by local expert for a
+        grouped GEMM: expert e's rows fill [off_e, off_e + n_e) with off_0 = 0 and
+        off_{e+1} = ceil((off_e + n_e) / pad_multiple) * pad_multiple, ordered by (source rank,
+        source token, k) within a segment; every other row is zero with weight 0.
+        `recv_weights [rows]` holds each row's weight, `expert_offsets [E/R + 1]` the segment
+        starts (also `handle.expert_offsets_list` in default mode), `tokens_per_expert` the real
+        counts. pad_multiple (default 1) is a runtime value: any P compiles nothing new.
+
+        Default mode: the host waits for the count exchange only and returns exact-size outputs.
         Expert ids outside [-1, E) on any rank are found during the count exchange: every
         rank raises ValueError naming the rank and position, and no token moves.
-        `capacity=N` (nvlink transport): never synchronises; outputs have N rows (rows past
-        the count are marked empty: ids -1, weights 0) and the count is
-        `handle.recv_offsets[R]` on the device. Sequence numbers live on the device, so
-        dispatch and combine can be captured in a CUDA graph and replayed. The device
-        records bad ids (they are skipped) and rows past the capacity (dropped;
-        recv_offsets[R] still holds the full count); the next default-mode dispatch or
-        `raise_pending()` raises them.
+        `capacity=N` (nvlink transport): never synchronises; outputs have N rows (token layout:
+        rows past the count are marked empty: ids -1, weights 0; expert layout: rows past the
+        last segment are zero) and the count is `handle.recv_offsets[R]` on the device.
+        Sequence numbers live on the device, so dispatch and combine can be captured in a CUDA
+        graph and replayed. The device records bad ids (they are skipped) and rows past the
+        capacity (dropped); the next default-mode dispatch or `raise_pending()` raises them.
+
+        Differentiable when x (bf16) or topk_weights requires grad: see ep_jit/autograd.py.
         """
+        if layout not in ("token", "expert"):
+            raise ValueError(f"layout: expected 'token' or 'expert', got {layout!r}")
+        if layout == "token" and pad_multiple is not None:
+            raise ValueError(f"pad_multiple: expected None with layout='token', got {pad_multiple!r}")
+        if layout == "expert":
+            self._require("expert layout", "layout")
+            pad_multiple = 1 if pad_multiple is None else _positive("pad_multiple", pad_multiple)
+        if not needs_grad(x, topk_weights):
+            return self.dispatch_raw(x, topk_idx, topk_weights, scales, stream, capacity, layout, pad_multiple)
+        self._require("autograd", "x")
+        if self.dtype == "fp8_e4m3" and needs_grad(x):
+            raise ValueError("x: fp8 dispatch has no gradient with respect to x; expected an fp8 x that does not "
+                             "require grad (the weights may)")
+        return autograd.dispatch(self, x, topk_idx, topk_weights, scales, stream, capacity, layout, pad_multiple)
+
+    def dispatch_raw(self, x: Any, topk_idx: Any, topk_weights: Any, scales: Any, stream: Any,
+                     capacity: int | None, layout: str, pad_multiple: int | None) -> DispatchResult:
+        """dispatch without autograd (its checks are dispatch's)."""
         self._transport.check_error()
         adapter = adapter_for(x)
         fw = adapter.name
@@ -164,7 +213,8 @@ class Buffer:
         op = self._operation(stream, adapter)
         self._transport.check_operation(op, capacity)
         use_device(self.device)
-        result, keep = self._transport.dispatch(op, xv, idx, weights, sv, capacity)
+        result, keep = self._transport.dispatch(op, xv, idx, weights, sv, capacity,
+                                                pad_multiple if layout == "expert" else None)
         result.handle.buffer_id = self.id
         self._retain(op.foreign_stream, [x, topk_idx, topk_weights, scales, *keep])
         return result
@@ -189,21 +239,67 @@ class Buffer:
     # ---- combine ----------------------------------------------------------------
 
     def combine(self, y: Any, handle: Handle, stream: Any = None) -> Any:
-        """Bring expert outputs back: out[t] = sum over receiving ranks of their row for t,
-        accumulated in fp32, returned as bf16 [T, hidden]."""
+        """Bring expert outputs back, as bf16 [T, hidden], accumulated in fp32 in a fixed order.
+        Token layout: out[t] = sum over receiving ranks of their row for t. Expert layout:
+        out[t] = sum_k w[t, k] * y[row(t, k)] (each rank sums its pairs of t in k order and
+        rounds once to bf16; the source sums the ranks in rank order). Differentiable when y,
+        or the expert layout's weights, require grad."""
+        self._check_handle(handle, "handle")
+        weights = handle.weights_node if handle.layout == "expert" else None
+        if needs_grad(y, weights):
+            return autograd.combine(self, y, handle, stream)
+        return self.combine_raw(y, handle, stream, True, None)[0]
+
+    def _check_handle(self, handle: Any, name: str) -> None:
         self._transport.check_error()
         if not isinstance(handle, Handle) or handle.buffer_id != self.id:
-            raise ValueError(f"handle: expected a handle from this Buffer (id {self.id}), got "
+            raise ValueError(f"{name}: expected a handle from this Buffer (id {self.id}), got "
                              f"{getattr(handle, 'buffer_id', type(handle).__name__)}")
-        adapter = adapter_for(y)
+
+    def _adapter(self, name: str, t: Any, handle: Handle) -> Adapter:
+        adapter = adapter_for(t)
         if adapter.name != handle.framework:
-            raise TypeError(f"y: expected a {handle.framework} tensor like the dispatch inputs, got {adapter.name}")
-        rows = handle.num_recv if handle.num_recv is not None else handle.capacity
-        yv = self._tensor("y", y, "bf16", (rows, self.hidden), adapter.name, vectors=True, adapter=adapter)
+            raise TypeError(f"{name}: expected a {handle.framework} tensor like the dispatch inputs, got {adapter.name}")
+        return adapter
+
+    def _require(self, feature: str, argument: str) -> None:
+        """Raise before any launch if this Buffer's transport lacks `feature`."""
+        if feature not in self._transport.features:
+            raise ValueError(f"{argument}: transport={self.transport!r} does not support the {feature} yet; "
+                             "use transport='nvlink' (every member in one NVLink domain) for it")
+
+    def combine_raw(self, y: Any, handle: Handle, stream: Any, weights: bool, scalars: Any) -> tuple[Any, Any]:
+        """combine without autograd. `weights` (expert layout): apply the pairs' weights, else 1.
+        `scalars`: per-pair fp32 values to bring home with the rows ([rows] in the expert layout,
+        [rows, K] in the token layout, entries of other ranks' experts ignored); their sum per
+        source pair comes back as the second result, [T, K] (else None)."""
+        self._check_handle(handle, "handle")
+        adapter = self._adapter("y", y, handle)
+        yv = self._tensor("y", y, "bf16", (handle.capacity, self.hidden), adapter.name, vectors=True, adapter=adapter)
+        sv = None
+        if scalars is not None:
+            self._require("autograd", "scalars")
+            shape = (handle.capacity,) if handle.layout == "expert" else (handle.capacity, self.topk)
+            sv = self._tensor("scalars", scalars, "float32", shape, adapter.name, adapter=adapter)
         op = self._operation(stream, adapter)
         use_device(self.device)
-        out, keep = self._transport.combine(op, yv, handle, rows)
-        self._retain(op.foreign_stream, [y, handle.token_slot, handle.recv_offsets, handle.transport, *keep])
+        out, scalars_out, keep = self._transport.combine(op, yv, handle, handle.capacity, weights, sv)
+        self._retain(op.foreign_stream, [y, scalars, handle, *keep])
+        return out, scalars_out
+
+    def restage(self, g: Any, handle: Handle, stream: Any = None) -> Any:
+        """Move bf16 rows g [T, hidden] (one per source token, such as combine's output
+        gradient) to where `handle`'s dispatch put the tokens: [rows, hidden], each pair's row
+        in the expert layout, zero elsewhere. Collective; reuses the dispatch's layout (no count
+        exchange)."""
+        self._check_handle(handle, "handle")
+        self._require("autograd", "g")
+        adapter = self._adapter("g", g, handle)
+        gv = self._tensor("g", g, "bf16", (handle.num_tokens, self.hidden), adapter.name, vectors=True, adapter=adapter)
+        op = self._operation(stream, adapter)
+        use_device(self.device)
+        out, keep = self._transport.restage(op, gv, handle)
+        self._retain(op.foreign_stream, [g, handle, *keep])
         return out
 
     # ---- teardown ---------------------------------------------------------------

@@ -32,12 +32,14 @@ def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max
         ("flags", NUM_FLAG_KINDS * num_ranks * 8),
         ("counts", num_ranks * (2 + num_experts // num_ranks) * 4),
         ("send_index", num_ranks * max_tokens * 4),
-        ("stage_x", max_tokens * hidden * elem_size),
+        ("stage_x", max_tokens * hidden * max(elem_size, 2)),  # gradients are restaged as bf16
         ("stage_scales", max_tokens * (hidden // SCALE_BLOCK) * 4 if elem_size == 1 else 0),
         ("stage_idx", max_tokens * topk * 8),
         ("stage_weights", max_tokens * topk * 4),
+        ("stage_pos", max_tokens * topk * 4),
         ("combine", num_ranks * max_tokens * hidden * 2),
         ("combine_ready", num_ranks * -(-max_tokens // COMBINE_CHUNK_ROWS) * 8),
+        ("combine_scalars", num_ranks * max_tokens * topk * 4),
         ("combine_dropped", num_ranks * 4),
     ]
     layout, offset = SymLayout(), 0

@@ -8,6 +8,10 @@
 //           first until every source has reduced the previous combine. Rows that r dropped
 //           for its capacity in dispatch are written as zeros, so they add nothing, and
 //           their number goes to s's combine_dropped[r], which s reports (status word 3).
+//           Expert layout: the row pushed for token row j is sum_k w_k * y[pair_rows[j, k]]
+//           over j's pairs on r (fp32, k order, rounded to bf16 once), so the pairs of a
+//           token cross NVLink as one row. With scalars, each row also carries K fp32 values
+//           (a gradient per pair), summed over ranks into scalars_out [T, K].
 //   reduce  on source s: out[t] = sum over r with token_slot[t, r] >= 0 of
 //           combine[r][token_slot[t, r]], accumulated in fp32, once the chunks holding
 //           those rows are flagged. Warps take tokens in order from a queue, so the reduce
@@ -26,11 +30,39 @@ __device__ __forceinline__ uint64_t* chunk_flag(uint64_t base, const SymLayout& 
     return sym_ptr<uint64_t>(base, L.combine_ready) + static_cast<int64_t>(peer) * per_peer + chunk;
 }
 
+// What row j carries besides its bf16 row: the pairs' scalars (lane k < TOPK holds k's).
+__device__ __forceinline__ float pair_scalar(const CombineArgs& a, int j, int k, int pair_row, int topk) {
+    if (a.pair_rows != nullptr) return pair_row >= 0 ? a.scalars[pair_row] : 0.0f;
+    return a.recv_idx[static_cast<int64_t>(j) * topk + k] >= 0 ? a.scalars[static_cast<int64_t>(j) * topk + k] : 0.0f;
+}
+
+// Token row j as it is pushed: y[j] (token layout) or the weighted sum of its pairs' rows.
+template <int HIDDEN, int TOPK>
+__device__ __forceinline__ void push_row(int4* to, const CombineArgs& a, int j, int lane) {
+    constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
+    const int4* y = static_cast<const int4*>(a.y);
+    if (a.pair_rows == nullptr) {
+        warp_copy(to, y + static_cast<int64_t>(j) * kVecs, kVecs, lane);
+        return;
+    }
+    const int mine = lane < TOPK ? a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] : -1;
+    const float w = mine >= 0 && a.pair_weights != nullptr ? a.pair_weights[mine] : 1.0f;
+    const int4* from[TOPK];
+    float weights[TOPK];
+#pragma unroll
+    for (int k = 0; k < TOPK; ++k) {
+        const int row = __shfl_sync(0xffffffffu, mine, k);
+        weights[k] = __shfl_sync(0xffffffffu, w, k);
+        from[k] = row < 0 ? nullptr : y + static_cast<int64_t>(row) * kVecs;
+    }
+    warp_sum_rows<kVecs, TOPK>(to, from, lane, weights);
+}
+
 // Push this warp's share of the rows: every chunk that holds slots of its source gets its
 // flag. Rows past `total` (dropped by a too-small capacity; y has no row for them) are
 // pushed as zeros, and the chunk's flag also carries the count of its source's dropped rows.
-template <int HIDDEN, int NUM_RANKS>
-__device__ __forceinline__ void push_rows(const bf16* __restrict__ y, const int* offsets, int total,
+template <int HIDDEN, int NUM_RANKS, int TOPK>
+__device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offsets, int total,
                                           const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
                                           uint64_t want, int warp, int num_warps, int lane) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
@@ -39,12 +71,19 @@ __device__ __forceinline__ void push_rows(const bf16* __restrict__ y, const int*
         const int dst = chunks.peer(c), begin = chunks.begin(c), end = chunks.end(c);
         const int stop = min(begin + kCombineChunkRows, offsets[dst + 1]);
         if (begin >= stop) continue;
-        int4* to = sym_ptr<int4>(peers[dst], L.combine) +
-                   (static_cast<int64_t>(rank) * L.max_tokens + (begin - offsets[dst])) * kVecs;
-        for (int j = begin; j < end; ++j, to += kVecs)
-            warp_copy(to, reinterpret_cast<const int4*>(y) + static_cast<int64_t>(j) * kVecs, kVecs, lane);
-        for (int j = max(begin, end); j < stop; ++j, to += kVecs)
-            for (int v = lane; v < kVecs; v += kWarpSize) st_stream(to + v, make_int4(0, 0, 0, 0));
+        const int64_t first_slot = static_cast<int64_t>(rank) * L.max_tokens + (begin - offsets[dst]);
+        int4* to = sym_ptr<int4>(peers[dst], L.combine) + first_slot * kVecs;
+        float* scalars = sym_ptr<float>(peers[dst], L.combine_scalars) + first_slot * TOPK;
+        for (int j = begin; j < stop; ++j, to += kVecs, scalars += TOPK) {
+            if (j < end)
+                push_row<HIDDEN, TOPK>(to, a, j, lane);
+            else
+                for (int v = lane; v < kVecs; v += kWarpSize) st_stream(to + v, make_int4(0, 0, 0, 0));
+            if (a.scalars_out != nullptr && lane < TOPK) {
+                const int pair_row = a.pair_rows != nullptr && j < end ? a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] : -1;
+                scalars[lane] = j < end ? pair_scalar(a, j, lane, pair_row, TOPK) : 0.0f;
+            }
+        }
         __syncwarp();  // orders every lane's stores before lane 0's release (a fence per lane: 2 % slower)
         if (lane == 0) {
             if (stop > end)
@@ -55,8 +94,9 @@ __device__ __forceinline__ void push_rows(const bf16* __restrict__ y, const int*
 }
 
 // Reduce tokens taken from the queue until it is empty; false if a wait failed.
-template <int HIDDEN, int NUM_RANKS>
-__device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, const int* __restrict__ token_slot,
+template <int HIDDEN, int NUM_RANKS, int TOPK>
+__device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, float* __restrict__ scalars_out,
+                                              const int* __restrict__ token_slot,
                                               int num_tokens, uint64_t my_base, const SymLayout& L, int* queue,
                                               uint64_t want, uint64_t timeout_ns, const Status& st, int lane) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
@@ -99,6 +139,13 @@ __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, const int*
             }
             warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from,
                                             lane);
+            if (scalars_out != nullptr && lane < TOPK) {  // in rank order, like the rows
+                const float* values = sym_ptr<const float>(my_base, L.combine_scalars);
+                float sum = 0.0f;
+                for (int r = 0; r < NUM_RANKS; ++r)
+                    if (slots[r] >= 0) sum += values[(static_cast<int64_t>(r) * L.max_tokens + slots[r]) * TOPK + lane];
+                scalars_out[static_cast<int64_t>(t) * TOPK + lane] = sum;
+            }
         }
     }
 }
@@ -122,10 +169,9 @@ __global__ void __launch_bounds__(kCopyThreads) combine_kernel(const __grid_cons
     __syncthreads();
     const int lane = threadIdx.x % kWarpSize, warp_in_block = threadIdx.x / kWarpSize;
     if (warp_in_block < kPushWarps)
-        push_rows<HIDDEN, NUM_RANKS>(static_cast<const bf16*>(a.y), offsets, min(offsets[NUM_RANKS], a.num_rows),
-                                     peers, L, rank, want, blockIdx.x * kPushWarps + warp_in_block,
-                                     gridDim.x * kPushWarps, lane);
-    reduce_tokens<HIDDEN, NUM_RANKS>(static_cast<bf16*>(a.out), a.token_slot, a.num_tokens, peers[rank], L,
+        push_rows<HIDDEN, NUM_RANKS, TOPK>(a, offsets, min(offsets[NUM_RANKS], a.num_rows), peers, L, rank, want,
+                                           blockIdx.x * kPushWarps + warp_in_block, gridDim.x * kPushWarps, lane);
+    reduce_tokens<HIDDEN, NUM_RANKS, TOPK>(static_cast<bf16*>(a.out), a.scalars_out, a.token_slot, a.num_tokens, peers[rank], L,
                                      &ws->combine_queue, want, timeout_ns, st, lane);
     if (!last_block_arrives(&ws->combine_done, gridDim.x)) return;
     ws->combine_queue = 0;

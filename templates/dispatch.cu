@@ -28,13 +28,39 @@
 
 namespace ep_jit {
 
+// The expert layout's segments, from every source's pairs per local expert (counts[src *
+// row + 1 + e]): expert e's rows start at offsets[e], off_{e+1} = ceil((off_e + n_e) / P) * P,
+// and source src's pairs of e start at base[src][e] (sources in rank order).
+template <int kLocal, int NUM_RANKS>
+__device__ __forceinline__ void expert_segments(const int* counts, int row, const int* per_expert, int pad,
+                                                int* offsets, int* base) {
+    if (threadIdx.x == 0) {
+        int off = 0;
+        for (int e = 0; e < kLocal; ++e) {
+            offsets[e] = off;
+            off = (off + per_expert[e] + pad - 1) / pad * pad;
+        }
+        offsets[kLocal] = off;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < kLocal; e += blockDim.x) {
+        int run = offsets[e];
+        for (int src = 0; src < NUM_RANKS; ++src) {
+            base[src * kLocal + e] = run;
+            run += counts[src * row + 1 + e];
+        }
+    }
+    __syncthreads();
+}
+
 // The count exchange, run by one block: send my counts to every destination and raise
 // its kCountsReady flag, wait for every source's, publish the receive layout.
 template <int NUM_EXPERTS, int NUM_RANKS>
 __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, const int* tokens_per_expert,
                                                 const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
                                                 uint64_t want, uint32_t ticket, uint64_t timeout_ns, const Status& st,
-                                                int* recv_offsets, int* local_expert_counts, Mailbox* mailbox) {
+                                                int* recv_offsets, int* local_expert_counts, Mailbox* mailbox,
+                                                int pad_multiple, int* expert_offsets, int* expert_base) {
     static_assert(NUM_RANKS <= kMaxRanks && NUM_EXPERTS / NUM_RANKS <= kMaxLocalExperts, "mailbox too small");
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kRow = 2 + kLocal;  // tokens, per local expert, bad top-k report
@@ -83,21 +109,24 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
         }
     }
     __syncthreads();
+    if (pad_multiple > 0) expert_segments<kLocal, NUM_RANKS>(counts, kRow, local_expert_counts, pad_multiple,
+                                                             expert_offsets, expert_base);
     if (threadIdx.x == 0) {
         __threadfence_system();
         *reinterpret_cast<volatile uint32_t*>(&mailbox->done_ticket) = ticket;
     }
 }
 
-// Blocks [first, gridDim.x) copy this rank's tokens into its stage.
+// Blocks [first, gridDim.x) copy this rank's tokens into its stage. `restage`: x holds bf16
+// rows (a gradient) and only they are staged, for a pull along an earlier layout.
 template <int HIDDEN, int TOPK, typename T>
 __device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const float* __restrict__ scales,
                                              const int64_t* __restrict__ topk_idx,
                                              const float* __restrict__ topk_weights, int num_tokens,
-                                             uint64_t my_base, const SymLayout& L, int first) {
-    constexpr int kVecs = HIDDEN * sizeof(T) / 16;
+                                             uint64_t my_base, const SymLayout& L, int first, bool restage) {
     constexpr int kScales = HIDDEN / kScaleBlock;
     static_assert(HIDDEN * sizeof(T) % 16 == 0, "rows must be whole 16-byte vectors");
+    const int kVecs = HIDDEN * (restage ? 2 : static_cast<int>(sizeof(T))) / 16;
     const int lane = threadIdx.x % kWarpSize;
     const int warp = ((blockIdx.x - first) * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = (gridDim.x - first) * blockDim.x / kWarpSize;
@@ -108,6 +137,7 @@ __device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const floa
     for (int t = warp; t < num_tokens; t += num_warps) {
         warp_copy(stage_x + static_cast<int64_t>(t) * kVecs, reinterpret_cast<const int4*>(x) + static_cast<int64_t>(t) * kVecs,
                   kVecs, lane);
+        if (restage) continue;
         for (int k = lane; k < TOPK; k += kWarpSize) {
             stage_idx[t * TOPK + k] = topk_idx[t * TOPK + k];
             stage_w[t * TOPK + k] = topk_weights[t * TOPK + k];
@@ -136,10 +166,12 @@ __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constan
     if (!block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(id, prev_seq), timeout_ns, st, kPhaseStage))
         return;
     if (blockIdx.x < NUM_RANKS) {
+        if (a.restage) return;  // the layout and the counts of an earlier dispatch hold
         const int dst = blockIdx.x;
-        layout_rank<NUM_EXPERTS, NUM_RANKS, TOPK, kCopyThreads>(
+        layout_rank<NUM_EXPERTS, NUM_RANKS, TOPK, kCopyThreads, true>(
             dst, a.topk_idx, num_tokens, a.is_token_in_rank, a.token_slot, ws->tokens_per_rank, ws->tokens_per_expert,
-            sym_ptr<int>(my_base, L.send_index) + static_cast<int64_t>(dst) * L.max_tokens, st);
+            sym_ptr<int>(my_base, L.send_index) + static_cast<int64_t>(dst) * L.max_tokens, st,
+            a.pad_multiple > 0 ? sym_ptr<int>(my_base, L.stage_pos) : nullptr);
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence_system();  // this block's send list, visible to peers before the exchange's flags
@@ -153,18 +185,37 @@ __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constan
         if (last)
             exchange_counts<NUM_EXPERTS, NUM_RANKS>(ws->tokens_per_rank, ws->tokens_per_expert, peers, L, rank, want,
                                                     a.ticket, timeout_ns, st, a.recv_offsets, a.local_expert_counts,
-                                                    mailbox);
+                                                    mailbox, a.pad_multiple, a.expert_offsets, a.expert_base);
         return;
     }
     stage_tokens<HIDDEN, TOPK, T>(static_cast<const T*>(a.x), a.scales, a.topk_idx, a.topk_weights, num_tokens,
-                                  my_base, L, NUM_RANKS);
+                                  my_base, L, NUM_RANKS, a.restage != 0);
     grid_done_post<NUM_RANKS>(&ws->stage_done, gridDim.x - NUM_RANKS, peers, L, kStageReady, rank, want, st);
+}
+
+// Expert layout: zero every row of recv_x outside a segment's real rows (padding, and the
+// rows past the last segment up to the capacity), with weight 0 and scales 0, one warp per expert.
+template <int kLocal, int kScales, bool kFp8>
+__device__ __forceinline__ void zero_outside_segments(int4* recv_x, int row_vecs, float* recv_weights,
+                                                      float* recv_scales, const int* offsets, const int* counts,
+                                                      int capacity, int warp, int num_warps, int lane) {
+    for (int e = warp; e <= kLocal; e += num_warps) {
+        const int first = e < kLocal ? offsets[e] + counts[e] : offsets[kLocal];
+        const int end = min(e < kLocal ? offsets[e + 1] : capacity, capacity);
+        for (int j = first; j < end; ++j) {
+            for (int v = lane; v < row_vecs; v += kWarpSize)
+                st_stream(recv_x + static_cast<int64_t>(j) * row_vecs + v, make_int4(0, 0, 0, 0));
+            if (recv_weights != nullptr && lane == 0) recv_weights[j] = 0.0f;
+            if constexpr (kFp8)
+                if (recv_scales != nullptr)
+                    for (int i = lane; i < kScales; i += kWarpSize) recv_scales[static_cast<int64_t>(j) * kScales + i] = 0.0f;
+        }
+    }
 }
 
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
 __global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constant__ PullArgs a) {
     constexpr bool kFp8 = sizeof(T) == 1;
-    constexpr int kVecs = HIDDEN * sizeof(T) / 16;
     constexpr int kScales = HIDDEN / kScaleBlock;
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kScalesPerLane = kFp8 ? (kScales + kWarpSize - 1) / kWarpSize : 1;
@@ -173,8 +224,11 @@ __global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constan
     const SymLayout& L = a.peers.layout;
     const uint64_t* peers = a.peers.bases;
     const int rank = a.peers.rank, capacity = a.capacity;
+    const bool restage = a.restage != 0, expert = a.pair_rows != nullptr;
+    const bool scaled = kFp8 && !restage;  // restaged rows are bf16 gradients: no scales
+    const int row_vecs = HIDDEN * (restage ? 2 : static_cast<int>(sizeof(T))) / 16;
     Workspace* ws = a.peers.ws;
-    T* __restrict__ recv_x = static_cast<T*>(a.recv_x);
+    int4* __restrict__ recv_x = static_cast<int4*>(a.recv_x);
     float* __restrict__ recv_scales = a.recv_scales;
     int64_t* __restrict__ recv_idx = a.recv_idx;
     float* __restrict__ recv_weights = a.recv_weights;
@@ -186,9 +240,11 @@ __global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constan
         return;
     if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = capacity < 0 ? 0 : a.recv_offsets[threadIdx.x];
     __syncthreads();
-    if (blockIdx.x == 0 && threadIdx.x == 0 && offsets[NUM_RANKS] > capacity && capacity >= 0)
-        report(st, 2, offsets[NUM_RANKS]);  // rows that did not fit
-    const int total = min(offsets[NUM_RANKS], max(capacity, 0));
+    // token layout: row j lands at j; expert layout: each pair of row j at its segment's row
+    const int rows_needed = expert ? (capacity < 0 ? 0 : a.expert_offsets[kLocal]) : offsets[NUM_RANKS];
+    if (blockIdx.x == 0 && threadIdx.x == 0 && rows_needed > capacity && capacity >= 0 && !restage)
+        report(st, 2, rows_needed);  // rows that did not fit
+    const int total = expert ? min(offsets[NUM_RANKS], a.token_rows) : min(offsets[NUM_RANKS], max(capacity, 0));
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
@@ -199,45 +255,80 @@ __global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constan
         const int src = chunks.peer(c), begin = chunks.begin(c), rows_here = chunks.end(c) - begin;
         if (rows_here <= 0) continue;
         const uint64_t base = peers[src];
-        const int my_token = lane < rows_here
-            ? sym_ptr<const int>(base, L.send_index)[rank * L.max_tokens + (begin + lane - offsets[src])] : 0;
+        int my_token = 0;
+        if (lane < rows_here) {
+            my_token = restage ? a.recv_token[begin + lane]
+                               : sym_ptr<const int>(base, L.send_index)[rank * L.max_tokens + (begin + lane - offsets[src])];
+            if (!restage) a.recv_token[begin + lane] = my_token;
+        }
         for (int i = 0; i < rows_here; ++i) {
             const int j = begin + i;
             const int t = __shfl_sync(0xffffffffu, my_token, i);
-            int64_t id = 0;
+            int64_t id = -1;
             float wt = 0.0f, sc[kScalesPerLane];
-            if (lane < TOPK) {  // issue the small loads before the row's, to share its round trip
+            if (lane < TOPK && !restage) {  // issue the small loads before the row's, to share its round trip
                 id = sym_ptr<const int64_t>(base, L.stage_idx)[t * TOPK + lane];
                 wt = sym_ptr<const float>(base, L.stage_weights)[t * TOPK + lane];
             }
-            if constexpr (kFp8) {
+            if (scaled) {
                 const float* s = sym_ptr<const float>(base, L.stage_scales) + t * kScales;
 #pragma unroll
                 for (int u = 0; u < kScalesPerLane; ++u)
                     if (lane + u * kWarpSize < kScales) sc[u] = s[lane + u * kWarpSize];
             }
+            const int64_t local = id - rank * kLocal;
+            const bool hit = lane < TOPK && local >= 0 && local < kLocal;
+            int dest = j;  // where this lane's pair (expert layout) or the row (token layout) lands
+            if (expert && lane < TOPK) {
+                if (restage) {
+                    dest = a.pair_rows[static_cast<int64_t>(j) * TOPK + lane];
+                } else {
+                    dest = hit ? a.expert_base[src * kLocal + local] + sym_ptr<const int>(base, L.stage_pos)[t * TOPK + lane] : -1;
+                    dest = dest < capacity ? dest : -1;  // past the capacity: dropped (reported above)
+                    a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] = dest;
+                }
+            }
+            int rows[TOPK];  // token layout: only rows[0] = j
+#pragma unroll
+            for (int k = 0; k < TOPK; ++k) rows[k] = expert ? __shfl_sync(0xffffffffu, dest, k) : k == 0 ? j : -1;
             // enough loads in flight that a row takes about one round trip over NVLink
-            warp_copy<kFp8 ? 16 : 8>(reinterpret_cast<int4*>(recv_x) + static_cast<int64_t>(j) * kVecs,
-                                     sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * kVecs, kVecs,
-                                     lane);
-            if (lane < TOPK) {
-                const int64_t local = id - rank * kLocal;
-                const bool hit = local >= 0 && local < kLocal;
+            const int4* from = sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * row_vecs;
+            if (expert)
+                warp_copy_to_rows<kFp8 ? 16 : 8, TOPK>(recv_x, rows, from, row_vecs, lane);
+            else
+                warp_copy<kFp8 ? 16 : 8>(recv_x + static_cast<int64_t>(j) * row_vecs, from, row_vecs, lane);
+            if (restage) continue;
+            if (!expert && lane < TOPK) {
                 recv_idx[static_cast<int64_t>(j) * TOPK + lane] = hit ? local : -1;
                 recv_weights[static_cast<int64_t>(j) * TOPK + lane] = hit ? wt : 0.0f;
             }
-            if constexpr (kFp8) {
+            if (expert && lane < TOPK && dest >= 0) recv_weights[dest] = wt;
+            if (scaled) {
 #pragma unroll
-                for (int u = 0; u < kScalesPerLane; ++u)
-                    if (lane + u * kWarpSize < kScales)
-                        recv_scales[static_cast<int64_t>(j) * kScales + lane + u * kWarpSize] = sc[u];
+                for (int r = 0; r < (expert ? TOPK : 1); ++r) {
+                    if (rows[r] < 0) continue;
+#pragma unroll
+                    for (int u = 0; u < kScalesPerLane; ++u)
+                        if (lane + u * kWarpSize < kScales)
+                            recv_scales[static_cast<int64_t>(rows[r]) * kScales + lane + u * kWarpSize] = sc[u];
+                }
             }
         }
     }
-    for (int64_t i = static_cast<int64_t>(total) * TOPK + blockIdx.x * blockDim.x + threadIdx.x;
-         i < static_cast<int64_t>(max(capacity, 0)) * TOPK; i += gridDim.x * blockDim.x) {
-        recv_idx[i] = -1;
-        recv_weights[i] = 0.0f;
+    if (expert && capacity >= 0) {
+        zero_outside_segments<kLocal, kScales, kFp8>(recv_x, row_vecs, restage ? nullptr : recv_weights,
+                                                     scaled ? recv_scales : nullptr, a.expert_offsets, a.expert_counts,
+                                                     capacity, warp, num_warps, lane);
+    } else if (restage) {  // gradient rows past the received count are zero
+        for (int j = total + warp; j < max(capacity, 0); j += num_warps)
+            for (int v = lane; v < row_vecs; v += kWarpSize)
+                st_stream(recv_x + static_cast<int64_t>(j) * row_vecs + v, make_int4(0, 0, 0, 0));
+    } else {
+        for (int64_t i = static_cast<int64_t>(total) * TOPK + blockIdx.x * blockDim.x + threadIdx.x;
+             i < static_cast<int64_t>(max(capacity, 0)) * TOPK; i += gridDim.x * blockDim.x) {
+            recv_idx[i] = -1;
+            recv_weights[i] = 0.0f;
+        }
     }
     grid_done_post<NUM_RANKS>(&ws->pull_done, gridDim.x, peers, L, kStageConsumed, rank, want, st, &ws->seqs.dispatch,
                               seq);

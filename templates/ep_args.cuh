@@ -35,9 +35,11 @@ struct SymLayout {
     int64_t stage_scales;    // float [max_tokens][H/128] (fp8 only)
     int64_t stage_idx;       // int64 [max_tokens][K]
     int64_t stage_weights;   // float [max_tokens][K]
+    int64_t stage_pos;       // int [max_tokens][K]: rank of pair (t, k) among my pairs of its expert (expert layout)
     int64_t combine;         // bf16 [R][max_tokens][H]: rows expert rank p pushed back for my tokens
     int64_t combine_ready;   // uint64 [R][max_tokens / kCombineChunkRows, rounded up]: [p][k] says rows
                              // [k, k + 1) * kCombineChunkRows of p's pushes to me are in place (combine seq)
+    int64_t combine_scalars; // float [R][max_tokens][K]: per-pair values p pushed back with its rows
     int64_t combine_dropped; // int [R]: [p] = rows of my tokens that p dropped for its capacity, this combine
     int32_t max_tokens;
     uint32_t nonce;          // this Buffer's, agreed by every member at set-up; part of every flag
@@ -111,7 +113,11 @@ struct SendArgs {            // send_kernel (NVLink dispatch, on the source)
     int32_t* token_slot;         // [T, R]
     int32_t* recv_offsets;       // [R + 1]
     int32_t* local_expert_counts;  // [E/R]
+    int32_t* expert_offsets;     // [E/R + 1]: padded segment starts (expert layout, else null)
+    int32_t* expert_base;        // [R][E/R]: first row of source p's pairs in segment e (expert layout)
     int32_t num_tokens;
+    int32_t pad_multiple;        // expert layout: segments start at multiples of it; 0: token layout
+    int32_t restage;             // 1: only stage x as bf16 rows (a gradient moved along an earlier layout)
     uint32_t ticket;             // default mode: echoed in the mailbox once the counts are in; 0: none
 };
 
@@ -122,7 +128,14 @@ struct PullArgs {            // pull_kernel (NVLink dispatch, on the destination
     int64_t* recv_idx;           // [capacity, K]
     float* recv_weights;         // [capacity, K]
     const int32_t* recv_offsets; // [R + 1]
-    int32_t capacity;            // rows of the outputs; < 0 abandons the dispatch
+    int32_t* recv_token;         // [token_rows]: source token of each received token row (read when restaging)
+    int32_t* pair_rows;          // [token_rows, K]: row of each pair in the expert layout, -1: none; null: token layout
+    const int32_t* expert_base;  // [R][E/R], expert layout
+    const int32_t* expert_offsets;  // [E/R + 1], expert layout
+    const int32_t* expert_counts;   // [E/R], expert layout
+    int32_t capacity;            // rows of recv_x; < 0 abandons the dispatch
+    int32_t token_rows;          // rows of recv_token and pair_rows
+    int32_t restage;             // 1: move the bf16 rows the sources restaged, along the saved layout
 };
 
 struct CombineArgs {         // combine_kernel (NVLink)
@@ -131,6 +144,11 @@ struct CombineArgs {         // combine_kernel (NVLink)
     const int32_t* recv_offsets; // [R + 1], from dispatch
     void* out;                   // bf16 [num_tokens, H]
     const int32_t* token_slot;   // [num_tokens, R], from dispatch
+    const int32_t* pair_rows;    // [num_rows, K]: expert layout (y rows of each token row's pairs), else null
+    const float* pair_weights;   // [rows of y]: expert layout weights; null: 1
+    const float* scalars;        // per-pair values to bring back: [rows of y] (expert) or [num_rows, K] (token)
+    const int64_t* recv_idx;     // [num_rows, K], token layout with scalars: which entries are this rank's
+    float* scalars_out;          // [num_tokens, K]: sum over ranks of the pairs' scalars; null: none
     int32_t num_rows;
     int32_t num_tokens;
 };

@@ -25,20 +25,35 @@ __device__ __forceinline__ void st_stream(int4* p, const int4& v) {
                  :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
 
-// Lanes of a warp copy `n_vec` int4s together, kUnroll loads in flight per lane (the
-// tail too, predicated). Reads from a peer want 8 (fewer round trips over NVLink); local
-// copies run faster with 4 (measured on H200).
-template <int kUnroll = 4>
-__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n_vec, int lane) {
+// Lanes of a warp copy one row of `n_vec` int4s from `src` into each of the rows `rows` of
+// `dst` (< 0: none; the same on every lane), kUnroll loads in flight per lane (the tail too,
+// predicated), each vector read once: the expert layout writes a token to every expert it
+// picked. Reads from a peer want 8 (fewer round trips over NVLink); local copies run faster
+// with 4 (measured on H200).
+template <int kUnroll, int kRows>
+__device__ __forceinline__ void warp_copy_to_rows(int4* dst, const int (&rows)[kRows], const int4* src, int n_vec,
+                                                  int lane) {
     for (int i = lane; i < n_vec; i += kUnroll * kWarpSize) {
         int4 v[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
             if (i + u * kWarpSize < n_vec) v[u] = ld_stream(src + i + u * kWarpSize);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kWarpSize < n_vec) st_stream(dst + i + u * kWarpSize, v[u]);
+        for (int r = 0; r < kRows; ++r) {
+            if (rows[r] < 0) continue;
+            int4* to = dst + static_cast<int64_t>(rows[r]) * n_vec;
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (i + u * kWarpSize < n_vec) st_stream(to + i + u * kWarpSize, v[u]);
+        }
     }
+}
+
+// The one-row copy: `n_vec` int4s from src to dst.
+template <int kUnroll = 4>
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n_vec, int lane) {
+    const int here[1] = {0};
+    warp_copy_to_rows<kUnroll, 1>(dst, here, src, n_vec, lane);
 }
 
 // ---- system-scope flags ----------------------------------------------------
@@ -203,9 +218,10 @@ struct PeerChunks {
 // A warp writes dst = sum of the rows in `from` (nullptr = absent), accumulated in fp32
 // in rank order, so the result does not depend on scheduling. Several vectors per lane
 // per step keep about sixteen 16-byte loads in flight (eight: 1.3x slower on 4 x H200).
+// `weights` (nullptr: all 1) scales row r by weights[r] before it is added.
 template <int kVecs, int NUM_RANKS>
 __device__ __forceinline__ void warp_sum_rows(int4* __restrict__ dst, const int4* const (&from)[NUM_RANKS],
-                                              int lane) {
+                                              int lane, const float* weights = nullptr) {
     constexpr int kU = NUM_RANKS >= 16 ? 1 : 16 / NUM_RANKS;
     for (int v0 = lane; v0 < kVecs; v0 += kWarpSize * kU) {
         int4 raw[kU][NUM_RANKS];
@@ -226,7 +242,9 @@ __device__ __forceinline__ void warp_sum_rows(int4* __restrict__ dst, const int4
                 if (from[r] == nullptr) continue;
                 const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw[u][r]);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[i] += __bfloat162float(h[i]);
+                for (int i = 0; i < 8; ++i)
+                    acc[i] = weights == nullptr ? acc[i] + __bfloat162float(h[i])
+                                                : fmaf(weights[r], __bfloat162float(h[i]), acc[i]);
             }
             int4 packed;
             __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&packed);

@@ -22,8 +22,8 @@ class Status(Structure):
 class SymLayout(Structure):
     __slots__ = ()
     _fields_ = [("flags", c_int64), ("counts", c_int64), ("send_index", c_int64), ("stage_x", c_int64),
-                ("stage_scales", c_int64), ("stage_idx", c_int64), ("stage_weights", c_int64), ("combine", c_int64),
-                ("combine_ready", c_int64), ("combine_dropped", c_int64), ("max_tokens", c_int32),
+                ("stage_scales", c_int64), ("stage_idx", c_int64), ("stage_weights", c_int64), ("stage_pos", c_int64),
+                ("combine", c_int64), ("combine_ready", c_int64), ("combine_scalars", c_int64), ("combine_dropped", c_int64), ("max_tokens", c_int32),
                 ("nonce", c_uint32)]
 
 
@@ -63,19 +63,22 @@ class SendArgs(Structure):
     __slots__ = ()
     _fields_ = [("peers", Peers), ("x", P), ("scales", P), ("topk_idx", P), ("topk_weights", P),
                 ("is_token_in_rank", P), ("token_slot", P), ("recv_offsets", P), ("local_expert_counts", P),
-                ("num_tokens", c_int32), ("ticket", c_uint32)]
+                ("expert_offsets", P), ("expert_base", P), ("num_tokens", c_int32), ("pad_multiple", c_int32),
+                ("restage", c_int32), ("ticket", c_uint32)]
 
 
 class PullArgs(Structure):
     __slots__ = ()
     _fields_ = [("peers", Peers), ("recv_x", P), ("recv_scales", P), ("recv_idx", P), ("recv_weights", P),
-                ("recv_offsets", P), ("capacity", c_int32)]
+                ("recv_offsets", P), ("recv_token", P), ("pair_rows", P), ("expert_base", P), ("expert_offsets", P),
+                ("expert_counts", P), ("capacity", c_int32), ("token_rows", c_int32), ("restage", c_int32)]
 
 
 class CombineArgs(Structure):
     __slots__ = ()
-    _fields_ = [("peers", Peers), ("y", P), ("recv_offsets", P), ("out", P), ("token_slot", P),
-                ("num_rows", c_int32), ("num_tokens", c_int32)]
+    _fields_ = [("peers", Peers), ("y", P), ("recv_offsets", P), ("out", P), ("token_slot", P), ("pair_rows", P),
+                ("pair_weights", P), ("scalars", P), ("recv_idx", P), ("scalars_out", P), ("num_rows", c_int32),
+                ("num_tokens", c_int32)]
 
 
 class CountArgs(Structure):

@@ -10,14 +10,13 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Callable, ClassVar, NamedTuple, Protocol
 
 from ..frameworks import Adapter, BoundGroup, TensorView
 from ..group_warm import warm
 from ..jit import record_load
-from ..kernels import TEMPLATES
-from ..runtime import Library
+from ..kernels import KERNELS, TEMPLATES
+from ..runtime import Library, LoadedKernel
 from ..spec import KernelSpec
 
 
@@ -41,19 +40,50 @@ class Setup:
                            self.arch) for t in templates]
 
 
-def load_kernels(setup: Setup, templates: tuple[str, ...]) -> SimpleNamespace:
-    """Every kernel of `templates`, by catalogue name (kernels.send, kernels.pull, ...),
-    from the JIT's tiers (each key compiled at most once in the group), loaded on the
-    Buffer's device. Collective."""
-    kernels = {}
-    for binary in warm(setup.specs(templates), setup.bound.info, all_gather=setup.bound.gather):
-        spec = binary.spec
+class Kernels:
+    """A transport's kernels by catalogue name (kernels.send, kernels.pull, ...). Each
+    template is fetched the first time one of its kernels is asked for, from the JIT's
+    tiers through ep_jit.warm (each key compiled at most once in the group), and loaded
+    on the Buffer's device. A fetch is collective: every member asks for the same kernels
+    in the same order, because every member runs the same operations."""
+
+    def __init__(self, setup: Setup, templates: tuple[str, ...]) -> None:
+        self._setup, self._templates = setup, templates
+        self._loaded: dict[str, LoadedKernel] = {}
+        self.first_fetch_s: dict[str, float] = {}  # template -> seconds its first fetch took
+
+    def __getattr__(self, name: str) -> LoadedKernel:
+        loaded = self.__dict__.get("_loaded")
+        if loaded is None or name.startswith("_"):
+            raise AttributeError(name)
+        if name not in loaded:
+            kernel = KERNELS.get(name)
+            if kernel is None or kernel.template not in self._templates:
+                raise AttributeError(f"kernels: no kernel {name!r} in templates {list(self._templates)}")
+            self._fetch((kernel.template,))
+        return loaded[name]
+
+    @property
+    def fetched(self) -> tuple[str, ...]:
+        return tuple(self.first_fetch_s)
+
+    def warm(self) -> None:
+        """Fetch every template not fetched yet, in one collective round."""
+        self._fetch(tuple(t for t in self._templates if t not in self.first_fetch_s))
+
+    def _fetch(self, templates: tuple[str, ...]) -> None:
+        if not templates:
+            return
         start = time.perf_counter()
-        library = Library(binary.cubin, setup.bound.device, f"{spec.describe()} (key {binary.key[:16]})")
-        for kernel in TEMPLATES[spec.template]:
-            kernels[kernel.name] = library.kernel(binary.symbol(kernel.name), kernel)
-        record_load(time.perf_counter() - start)
-    return SimpleNamespace(**kernels)
+        binaries = warm(self._setup.specs(templates), self._setup.bound.info, all_gather=self._setup.bound.gather)
+        for binary in binaries:
+            spec, loaded = binary.spec, time.perf_counter()
+            library = Library(binary.cubin, self._setup.bound.device, f"{spec.describe()} (key {binary.key[:16]})")
+            for kernel in TEMPLATES[spec.template]:
+                self._loaded[kernel.name] = library.kernel(binary.symbol(kernel.name), kernel)
+            record_load(time.perf_counter() - loaded)
+        for t in templates:
+            self.first_fetch_s[t] = (time.perf_counter() - start) / len(templates)
 
 
 class Operation(NamedTuple):
@@ -74,8 +104,8 @@ class Operation(NamedTuple):
 
 @dataclass
 class Handle:
-    """What combine needs to know about one dispatch: what every transport needs, and the
-    transport's own part."""
+    """What combine (and the backward passes) need to know about one dispatch: what every
+    transport needs, and the transport's own part."""
 
     buffer_id: int
     framework: str
@@ -88,13 +118,26 @@ class Handle:
     recv_from: list[int] | None
     tokens_per_expert_list: list[int] | None
     transport: Any = None      # the transport's own part (collective: where each destination's rows went)
+    layout: str = "token"
+    pad_multiple: int = 1
+    recv_topk_idx: Any = None  # token layout: [capacity, K] local expert ids
+    recv_weights: Any = None   # expert layout: [capacity] weight of each row's pair
+    expert_offsets_list: list[int] | None = None  # expert layout, default mode: [E/R + 1] segment starts
+    weights_node: Any = None   # the routed weights as autograd saw them, when dispatch was recorded
+
+    @property
+    def rows(self) -> int:
+        """Rows of recv_x, and so of y in combine."""
+        return self.capacity
 
 
 class Transport(Protocol):
     """How a Buffer's tokens move. Registered by name in ep_jit/transports/__init__.py."""
 
     templates: ClassVar[tuple[str, ...]]  # the templates whose kernels it launches
+    features: ClassVar[frozenset[str]]    # of "expert layout", "autograd"
     closed: bool
+    kernels: Kernels
 
     @staticmethod
     def check_setup(group: Any, size: int, num_sms: int) -> None:
@@ -105,18 +148,26 @@ class Transport(Protocol):
     def raise_pending(self) -> None: ...
     def check_operation(self, op: Operation, capacity: int | None) -> None: ...
     def dispatch(self, op: Operation, x: TensorView, topk_idx: TensorView, topk_weights: TensorView,
-                 scales: TensorView | None, capacity: int | None) -> tuple[DispatchResult, list]: ...
-    def combine(self, op: Operation, y: TensorView, handle: Handle, rows: int) -> tuple[Any, list]: ...
+                 scales: TensorView | None, capacity: int | None, pad_multiple: int | None
+                 ) -> tuple[DispatchResult, list]: ...
+    def combine(self, op: Operation, y: TensorView, handle: Handle, rows: int, weights: bool = True,
+                scalars: TensorView | None = None) -> tuple[Any, Any, list]: ...
+    def restage(self, op: Operation, g: TensorView, handle: Handle) -> tuple[Any, list]: ...
     def close(self, wait_for_peers: bool) -> None: ...
 
 
 class DispatchResult(NamedTuple):
+    """Token layout: recv_topk_idx / recv_topk_weights [rows, K]. Expert layout: those are
+    None, and recv_weights [rows] and expert_offsets [E/R + 1] (device) are set."""
+
     recv_x: Any
     recv_topk_idx: Any
     recv_topk_weights: Any
     recv_scales: Any
     tokens_per_expert: Any
     handle: Handle
+    recv_weights: Any = None
+    expert_offsets: Any = None
 
 
 def bad_topk_message(source: int, flat: int, topk: int, num_experts: int, value: int | None) -> str:

@@ -23,7 +23,7 @@ from ..frameworks import framework_of
 from ..kernels.args import CountArgs, LayoutArgs, PackArgs, Status, SumArgs, UnpackArgs, meta_row_bytes
 from ..kernels.constants import SCALE_BLOCK, STATUS_WORDS
 from ..runtime import check, mapped_host_memory, quiesce
-from .base import DispatchResult, Handle, Operation, Setup, bad_topk_message, load_kernels, next_ticket, wait_for_ticket
+from .base import DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket, wait_for_ticket
 
 
 def _free_host(device: int, host: int) -> None:
@@ -41,6 +41,7 @@ class Sent:
 
 class CollectiveTransport:
     templates = ("layout", "collective")
+    features: frozenset[str] = frozenset()  # the expert layout and autograd need kernels of their own here
 
     @staticmethod
     def check_setup(group: Any, size: int, num_sms: int) -> None:
@@ -54,7 +55,7 @@ class CollectiveTransport:
         self.group, self.device = bound.info, bound.device
         self.hidden, self.num_experts, self.topk, self.dtype = setup.hidden, setup.num_experts, setup.topk, setup.dtype
         self.num_sms, self.timeout_s = setup.num_sms, setup.timeout_s
-        self.kernels = load_kernels(setup, self.templates)
+        self.kernels = Kernels(setup, self.templates)
         self.meta_bytes = meta_row_bytes(self.hidden, self.topk, self.dtype)
         self.counts_len = self.group.size + self.num_experts + STATUS_WORDS
         # mapped host memory: [0] the ticket of the last count kernel, from [4] every member's counts row
@@ -81,7 +82,7 @@ class CollectiveTransport:
     # ---- dispatch ---------------------------------------------------------------
 
     def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any,
-                 capacity: int | None) -> tuple[DispatchResult, list]:
+                 capacity: int | None, pad_multiple: int | None = None) -> tuple[DispatchResult, list]:
         (T, H), K, R, E = x.shape, self.topk, self.group.size, self.num_experts
         a, s, dev, rank, k = op.adapter, op.stream, self.device, self.group.rank, self.kernels
 
@@ -144,7 +145,8 @@ class CollectiveTransport:
 
     # ---- combine ----------------------------------------------------------------
 
-    def combine(self, op: Operation, y: Any, handle: Handle, rows: int) -> tuple[Any, list]:
+    def combine(self, op: Operation, y: Any, handle: Handle, rows: int, weights: bool = True,
+                scalars: Any = None) -> tuple[Any, Any, list]:
         sent: Sent = handle.transport
         back = op.empty((sum(sent.sent_to), self.hidden), "bf16", self.device)
         op.adapter.all_to_all(self.framework_group, back, y.tensor, sent.sent_to, handle.recv_from, op.foreign_stream)
@@ -152,7 +154,10 @@ class CollectiveTransport:
         self.kernels.sum.launch(op.stream, self.num_sms, SumArgs(
             returned=op.ptr(back), token_slot=op.ptr(handle.token_slot), send_offsets=op.ptr(sent.send_offsets),
             out=op.ptr(out), num_tokens=handle.num_tokens))
-        return out, [back, out]
+        return out, None, [back, out]
+
+    def restage(self, op: Operation, g: Any, handle: Handle) -> tuple[Any, list]:
+        raise AssertionError("unreachable: the Buffer checks `features` first")
 
     def close(self, wait_for_peers: bool = True) -> None:
         """Local: no peer ever touches this rank's memory."""

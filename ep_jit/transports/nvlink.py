@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from cuda.bindings import driver
@@ -18,8 +19,29 @@ from ..kernels.args import CombineArgs, Mailbox, Peers, PullArgs, SendArgs, Work
 from ..kernels.constants import NUM_FLAG_KINDS, PHASES, SCALE_BLOCK
 from ..runtime import LoadedKernel, check, device_attribute, mapped_host_memory, quiesce, setup_stream, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from .base import (DispatchResult, Handle, Operation, Setup, bad_topk_message, load_kernels, next_ticket,
+from .base import (DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
                    wait_for_ticket)
+
+
+@dataclass
+class PairLayout:
+    """The NVLink transport's part of a handle: where each received token row came from and,
+    in the expert layout, where each of its pairs went."""
+
+    recv_token: Any        # [token_rows] int32: source token of each received token row
+    pair_rows: Any         # [token_rows, K] int32: expert-layout row of each pair, -1; None in the token layout
+    expert_base: Any       # [R, E/R] int32: first row of each source's pairs in each segment (expert layout)
+    expert_offsets: Any    # [E/R + 1] int32: segment starts (expert layout)
+    expert_counts: Any     # [E/R] int32: pairs per local expert
+    token_rows: int
+
+
+def segment_offsets(per_expert: list[int], pad_multiple: int) -> list[int]:
+    """off_0 = 0, off_{e+1} = ceil((off_e + n_e) / P) * P: the expert layout's segment starts."""
+    offsets = [0]
+    for n in per_expert:
+        offsets.append(-(-(offsets[-1] + n) // pad_multiple) * pad_multiple)
+    return offsets
 
 
 def _free(device: int, workspace: Any, mailbox: int) -> None:
@@ -31,6 +53,7 @@ def _free(device: int, workspace: Any, mailbox: int) -> None:
 
 class NVLinkTransport:
     templates = ("dispatch", "combine")
+    features = frozenset({"expert layout", "autograd"})
 
     @staticmethod
     def check_setup(group: Any, size: int, num_sms: int) -> None:
@@ -43,8 +66,9 @@ class NVLinkTransport:
         self.group, self.device, self._gather = bound.info, bound.device, bound.gather
         self.hidden, self.num_experts, self.topk, self.dtype = setup.hidden, setup.num_experts, setup.topk, setup.dtype
         self.num_sms, self.timeout_s = setup.num_sms, setup.timeout_s
-        self.kernels = load_kernels(setup, self.templates)
-        self._check_resident(self.kernels.combine, self.device, self.num_sms)
+        self.kernels = Kernels(setup, self.templates)  # fetched at first use
+        self._resident = False  # combine's residency, checked once its kernel is fetched
+        self._max_tokens = setup.max_tokens
         self.layout, size = plan_layout(num_ranks=self.group.size, num_experts=self.num_experts, hidden=self.hidden,
                                         topk=self.topk, max_tokens=setup.max_tokens,
                                         elem_size=1 if self.dtype == "fp8_e4m3" else 2)
@@ -136,9 +160,9 @@ class NVLinkTransport:
     # ---- dispatch ---------------------------------------------------------------
 
     def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any,
-                 capacity: int | None) -> tuple[DispatchResult, list]:
-        (T, H), K, R = x.shape, self.topk, self.group.size
-        fp8, dev = scales is not None, self.device
+                 capacity: int | None, pad_multiple: int | None = None) -> tuple[DispatchResult, list]:
+        (T, H), K, R, local = x.shape, self.topk, self.group.size, self.num_experts // self.group.size
+        fp8, dev, expert = scales is not None, self.device, pad_multiple is not None
         self._begin(op)
         a = self._send
         if capacity is None:
@@ -147,38 +171,77 @@ class NVLinkTransport:
         token_slot = op.empty((T, R), "int32", dev)
         in_rank = op.empty((T, R), "bool", dev)
         recv_offsets = op.empty((R + 1,), "int32", dev)
-        expert_counts = op.empty((self.num_experts // R,), "int32", dev)
+        expert_counts = op.empty((local,), "int32", dev)
+        expert_offsets = op.empty((local + 1,), "int32", dev) if expert else None
+        expert_base = op.empty((R, local), "int32", dev) if expert else None
         a.x, a.scales, a.topk_idx, a.topk_weights = x.ptr, scales.ptr if fp8 else 0, topk_idx.ptr, topk_weights.ptr
         a.is_token_in_rank, a.token_slot, a.num_tokens = op.ptr(in_rank), op.ptr(token_slot), T
         a.recv_offsets, a.local_expert_counts = op.ptr(recv_offsets), op.ptr(expert_counts)
+        a.expert_offsets, a.expert_base = op.ptr(expert_offsets), op.ptr(expert_base)
+        a.pad_multiple, a.restage = pad_multiple or 0, 0
         # R layout blocks (the last also exchanges the counts) beside the staging blocks, within num_sms
         self.kernels.send.launch(op.stream, self.num_sms, a)
 
-        num_recv = recv_from = per_expert = None
+        num_recv = recv_from = per_expert = offsets_list = None
         pull = self._pull
-        pull.recv_offsets = a.recv_offsets
+        pull.recv_offsets, pull.restage = a.recv_offsets, 0
+        pull.expert_base, pull.expert_offsets, pull.expert_counts = a.expert_base, a.expert_offsets, a.local_expert_counts
         if capacity is None:
             self._wait_for_counts(a.ticket)
             if self.mailbox.bad_source:  # every rank learns it here; release the stage, then raise
-                pull.recv_x = pull.recv_scales = pull.recv_idx = pull.recv_weights = 0
-                pull.capacity = -1
+                pull.recv_x = pull.recv_scales = pull.recv_idx = pull.recv_weights = pull.recv_token = 0
+                pull.pair_rows, pull.capacity, pull.token_rows = 0, -1, 0
                 self.kernels.pull.launch(op.stream, self.num_sms, pull)
                 self._raise_bad_topk(topk_idx)
-            num_recv = capacity = self.mailbox.recv_total
+            num_recv = self.mailbox.recv_total
+            per_expert = list(self.mailbox.tokens_per_expert[:local])
+            offsets_list = segment_offsets(per_expert, pad_multiple) if expert else None
+            capacity = offsets_list[-1] if expert else num_recv
+        # token rows: exact in default mode, else the most that can arrive
+        token_rows = num_recv if num_recv is not None else R * self._max_tokens
         recv_x = op.empty((capacity, H), self.dtype, dev)
-        recv_idx = op.empty((capacity, K), "int64", dev)
-        recv_w = op.empty((capacity, K), "float32", dev)
+        recv_token = op.empty((token_rows,), "int32", dev)
+        pair_rows = op.empty((token_rows, K), "int32", dev) if expert else None
+        recv_idx = None if expert else op.empty((capacity, K), "int64", dev)
+        recv_w = op.empty((capacity,) if expert else (capacity, K), "float32", dev)
         recv_scales = op.empty((capacity, H // SCALE_BLOCK), "float32", dev) if fp8 else None
         pull.recv_x, pull.recv_scales, pull.recv_idx = op.ptr(recv_x), op.ptr(recv_scales), op.ptr(recv_idx)
-        pull.recv_weights, pull.capacity = op.ptr(recv_w), capacity
+        pull.recv_weights, pull.capacity, pull.token_rows = op.ptr(recv_w), capacity, token_rows
+        pull.recv_token, pull.pair_rows = op.ptr(recv_token), op.ptr(pair_rows)
         self.kernels.pull.launch(op.stream, self.num_sms, pull)
         if num_recv is not None:  # the rest of the counts, read once the pull is on its way
             recv_from = list(self.mailbox.recv_from[:R])
-            per_expert = list(self.mailbox.tokens_per_expert[: self.num_experts // R])
+        pairs = PairLayout(recv_token, pair_rows, expert_base, expert_offsets, expert_counts, token_rows)
         handle = Handle(0, op.adapter.name, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from,
-                        per_expert)
-        keep = [token_slot, in_rank, recv_offsets, expert_counts, recv_x, recv_idx, recv_w, recv_scales]
-        return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle), keep
+                        per_expert, transport=pairs, layout="expert" if expert else "token",
+                        pad_multiple=pad_multiple or 1, recv_topk_idx=recv_idx, recv_weights=recv_w if expert else None,
+                        expert_offsets_list=offsets_list)
+        keep = [token_slot, in_rank, recv_offsets, expert_counts, expert_offsets, expert_base, recv_x, recv_token,
+                pair_rows, recv_idx, recv_w, recv_scales]
+        if expert:
+            result = DispatchResult(recv_x, None, None, recv_scales, expert_counts, handle, recv_w, expert_offsets)
+        else:
+            result = DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle)
+        return result, keep
+
+    def restage(self, op: Operation, g: Any, handle: Handle) -> tuple[Any, list]:
+        """Move bf16 rows g [T, H] (a gradient of combine's output) to where dispatch put the
+        tokens of `handle`, along its saved layout: no count exchange. Rows outside the
+        layout are zero."""
+        self._begin(op)
+        pairs: PairLayout = handle.transport
+        a = self._send
+        a.ticket, a.restage, a.pad_multiple = 0, 1, 0
+        a.x, a.scales, a.topk_idx, a.topk_weights, a.num_tokens = g.ptr, 0, 0, 0, handle.num_tokens
+        self.kernels.send.launch(op.stream, self.num_sms, a)
+        out = op.empty((handle.capacity, self.hidden), "bf16", self.device)
+        pull = self._pull
+        pull.recv_offsets, pull.restage, pull.recv_x, pull.capacity = op.ptr(handle.recv_offsets), 1, op.ptr(out), handle.capacity
+        pull.recv_token, pull.pair_rows, pull.token_rows = op.ptr(pairs.recv_token), op.ptr(pairs.pair_rows), pairs.token_rows
+        pull.expert_base, pull.expert_offsets = op.ptr(pairs.expert_base), op.ptr(pairs.expert_offsets)
+        pull.expert_counts, pull.recv_scales, pull.recv_idx, pull.recv_weights = op.ptr(pairs.expert_counts), 0, 0, 0
+        self.kernels.pull.launch(op.stream, self.num_sms, pull)
+        return out, [out]
 
     def _wait_for_counts(self, ticket: int) -> None:
         """Wait on mapped host memory until the count exchange of `ticket` has landed. The
@@ -196,15 +259,31 @@ class NVLinkTransport:
 
     # ---- combine ----------------------------------------------------------------
 
-    def combine(self, op: Operation, y: Any, handle: Handle, rows: int) -> tuple[Any, list]:
+    def combine(self, op: Operation, y: Any, handle: Handle, rows: int, weights: bool = True,
+                scalars: Any = None) -> tuple[Any, Any, list]:
+        """out [T, H] bf16; with `scalars` (per-pair fp32 values: [rows] in the expert layout,
+        [rows, K] in the token layout) also their sum over ranks per source pair, [T, K].
+        `weights`: expert layout, apply the pairs' weights (else 1)."""
+        if not self._resident:
+            self._check_resident(self.kernels.combine, self.device, self.num_sms)
+            self._resident = True
         self._begin(op)
+        pairs: PairLayout = handle.transport
+        expert = handle.layout == "expert"
         out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
+        scalars_out = op.empty((handle.num_tokens, self.topk), "float32", self.device) if scalars is not None else None
         a = self._combine
-        a.y, a.num_rows, a.recv_offsets, a.out = y.ptr, rows, op.ptr(handle.recv_offsets), op.ptr(out)
+        a.y, a.recv_offsets, a.out = y.ptr, op.ptr(handle.recv_offsets), op.ptr(out)
+        a.num_rows = pairs.token_rows if expert else rows
         a.token_slot, a.num_tokens = op.ptr(handle.token_slot), handle.num_tokens
-        # one block per SM of num_sms, all resident at once (checked at set-up)
+        a.pair_rows = op.ptr(pairs.pair_rows)
+        a.pair_weights = op.ptr(handle.recv_weights) if expert and weights else 0
+        a.scalars = scalars.ptr if scalars is not None else 0
+        a.recv_idx = op.ptr(handle.recv_topk_idx) if scalars is not None and not expert else 0
+        a.scalars_out = op.ptr(scalars_out)
+        # one block per SM of num_sms, all resident at once (checked at the first combine)
         self.kernels.combine.launch(op.stream, self.num_sms, a)
-        return out, [out]
+        return out, scalars_out, [out, scalars_out]
 
     # ---- teardown ---------------------------------------------------------------
 

@@ -53,3 +53,48 @@ def combine_reference(num_tokens: int, hidden: int, received: list[dict], ys: li
             if s == source:
                 out[t] += y[j].float()
     return out
+
+
+def expert_layout_reference(xs, idxs, weights, scales, rank: int, num_ranks: int, num_experts: int, pad: int):
+    """What `rank` receives with layout="expert", pad_multiple=pad: one row per (source token,
+    local expert) pair, grouped by local expert, ordered by (source rank, token, k) within a
+    segment, segments starting at multiples of `pad`; every other row zero (weight 0)."""
+    local = num_experts // num_ranks
+    H = xs[0].shape[1]
+    pairs = []  # per local expert: [(s, t, k)] in order
+    for e in range(local):
+        found = []
+        for s in range(num_ranks):
+            hits = (idxs[s] == rank * local + e).nonzero().tolist()  # row-major: (t, k) order
+            found += [(s, t, k) for t, k in hits]
+        pairs.append(found)
+    offsets = [0]
+    for found in pairs:
+        offsets.append(-(-(offsets[-1] + len(found)) // pad) * pad)
+    M = offsets[-1]
+    x = torch.zeros(M, H, dtype=xs[0].dtype)
+    w = torch.zeros(M, dtype=torch.float32)
+    sc = torch.zeros(M, H // 128, dtype=torch.float32) if scales is not None else None
+    origin = {}  # (s, t, k) -> row
+    for e, found in enumerate(pairs):
+        for i, (s, t, k) in enumerate(found):
+            row = offsets[e] + i
+            x[row], w[row], origin[(s, t, k)] = xs[s][t], weights[s][t][k], row
+            if sc is not None:
+                sc[row] = scales[s][t]
+    return {"x": x, "weights": w, "scales": sc, "offsets": offsets, "counts": [len(f) for f in pairs],
+            "origin": origin}
+
+
+def expert_combine_reference(num_tokens: int, hidden: int, received: list[dict], ys: list[torch.Tensor],
+                             source: int, weights: torch.Tensor):
+    """out[t] = sum_k w[t, k] * y[row(t, k)] in fp32, and sum_k |w[t, k] * y[row(t, k)]| (for tolerances)."""
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+    mag = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+    for rec, y in zip(received, ys):
+        for (s, t, k), row in rec["origin"].items():
+            if s == source:
+                term = float(weights[t, k]) * y[row].float()
+                out[t] += term
+                mag[t] += term.abs()
+    return out, mag

@@ -9,10 +9,12 @@ reference of what it must receive without communication. Prints "OK <suite> <n c
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import sys
 import time
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -58,6 +60,17 @@ def inputs(kind: str, E: int, K: int, H: int, dtype: str, max_t: int, seed: int)
         else:
             out.append((xf.to(torch.bfloat16), idx, w, None))
     return out
+
+
+@contextlib.contextmanager
+def named(case: str) -> Iterator[None]:
+    """Print which case failed at once: leaving a Buffer's `with` waits for the peers, which
+    may be elsewhere."""
+    try:
+        yield
+    except AssertionError as e:
+        print(f"FAILED {case}: {e}", flush=True)
+        raise
 
 
 def poison():
@@ -117,25 +130,27 @@ CASES = [*[(s, "bf16") for s in SHAPES], ((7168, 256, 8), "fp8_e4m3"), ((2048, 6
 KINDS = ["random", "skewed", "empty", "masked", "zero_on_one", "full"]
 
 
+def case_buffers(cases: list, max_tokens: int) -> Iterator[tuple]:
+    """(H, E, K, dtype, Buffer) for each case whose experts divide among the ranks."""
+    for (H, E, K), dtype in cases:
+        if E % WORLD:
+            continue
+        with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=max_tokens, dtype=dtype,
+                           num_sms=max(8, WORLD + 1)) as buf:
+            yield H, E, K, dtype, buf
+
+
 def suite_full(kinds: list[str] = KINDS) -> int:
     n = 0
     side = torch.cuda.Stream(DEV)
-    for (H, E, K), dtype in CASES:
-        if E % WORLD:
-            continue
-        with ep_jit.Buffer(dist.group.WORLD, H, E, K, max_tokens_per_rank=256, dtype=dtype,
-                           num_sms=max(8, WORLD + 1)) as buf:
-            for i, kind in enumerate(kinds):
-                data = inputs(kind, E, K, H, dtype, 256, SEED + 1000 * n + i)
-                for mode in ("default", "side stream", "non-blocking"):  # the failing case names itself
-                    try:
-                        check_round(buf, data, E, H, dtype, stream=side if mode == "side stream" else None,
-                                    capacity=WORLD * 256 if mode == "non-blocking" else None)
-                    except AssertionError as e:
-                        # printed now: leaving the `with` waits for the peers, which may be elsewhere
-                        print(f"FAILED H={H} E={E} K={K} {dtype} {kind} routing, {mode}: {e}", flush=True)
-                        raise
-                    n += 1
+    for H, E, K, dtype, buf in case_buffers(CASES, 256):
+        for i, kind in enumerate(kinds):
+            data = inputs(kind, E, K, H, dtype, 256, SEED + 1000 * n + i)
+            for mode in ("default", "side stream", "non-blocking"):  # the failing case names itself
+                with named(f"H={H} E={E} K={K} {dtype} {kind} routing, {mode}"):
+                    check_round(buf, data, E, H, dtype, stream=side if mode == "side stream" else None,
+                                capacity=WORLD * 256 if mode == "non-blocking" else None)
+                n += 1
     return n
 
 
@@ -587,7 +602,8 @@ def _cupy_bf16():
     return ml_dtypes.bfloat16
 
 
-if __name__ == "__main__":
+def main(suites: dict) -> None:
+    """Run the suite named on the command line from `suites` (a worker module's globals)."""
     # a rank stuck past the harness's patience prints where every thread is, then exits
     faulthandler.dump_traceback_later(int(os.environ.get("EP_TEST_HANG_S", "840")), exit=True)
     torch.cuda.set_device(DEV)
@@ -597,8 +613,12 @@ if __name__ == "__main__":
     dist.init_process_group("gloo" if sharing else "nccl", device_id=None if sharing else DEV)
     suite = sys.argv[1]
     try:
-        count = globals()[f"suite_{suite}"]()
+        count = suites[f"suite_{suite}"]()
         dist.barrier()
         print(f"OK {suite} {count}", flush=True)
     finally:
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(globals())

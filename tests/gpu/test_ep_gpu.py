@@ -13,7 +13,7 @@ from helpers import GPU_COUNT, REPO, free_port
 WORKER = REPO / "tests" / "gpu" / "ep_worker.py"
 
 
-def run_ranks(suite: str, world: int, own_gpus: bool = False) -> list[str]:
+def run_ranks(suite: str, world: int, own_gpus: bool = False, worker=WORKER) -> list[str]:
     """Rank r runs on GPU r % GPU_COUNT: one process per GPU where there are enough, else
     ranks share GPUs (exact, but time-sliced). `own_gpus`: the suite needs NCCL, which
     refuses two ranks on one GPU."""
@@ -24,7 +24,7 @@ def run_ranks(suite: str, world: int, own_gpus: bool = False) -> list[str]:
     seed = random.randrange(1 << 30)
     env = {**os.environ, "PYTHONPATH": str(REPO), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "EP_TEST_SEED": str(seed), "EP_TEST_HANG_S": str(timeout - 60)}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), suite], env={**env, "RANK": str(r)},
+    procs = [subprocess.Popen([sys.executable, str(worker), suite], env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     outs = []
     for r, p in enumerate(procs):

@@ -1,0 +1,32 @@
+"""The expert layout, autograd and lazy compilation on real GPUs (tests/ep_worker_layout.py),
+checked against CPU references; ranks share GPUs where there are fewer GPUs than ranks."""
+
+import pytest
+
+from conftest import REPO
+from test_ep_gpu import run_ranks
+
+WORKER = REPO / "tests" / "ep_worker_layout.py"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_layout_matches_reference(world):
+    run_ranks("expert", world, worker=WORKER)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_moe_layer_trains_like_the_dense_reference(world):
+    run_ranks("train", world, worker=WORKER)
+
+
+@pytest.mark.gpu
+def test_gradients_match_finite_differences():
+    run_ranks("gradcheck", 2, worker=WORKER)
+
+
+@pytest.mark.gpu
+def test_kernels_are_fetched_at_first_use():
+    outs = run_ranks("lazy", 2, worker=WORKER)
+    print("".join(line + "\n" for out in outs for line in out.splitlines() if line.startswith("LAZY ")))

@@ -1,0 +1,104 @@
+"""The expert layout's and autograd's host side without a GPU: argument checks before any
+launch, the transports' features, lazy fetching of kernels, the segment offsets, and the
+NVRTC compile of the kernels' layout paths at their extremes."""
+
+import pytest
+import torch
+
+from ep_jit.buffer import Buffer
+from ep_jit.compiler import compile_source, render
+from ep_jit.spec import KernelSpec
+from ep_jit.transports import TRANSPORTS, buffer_specs
+from ep_jit.transports import base
+from ep_jit.transports.collective import CollectiveTransport
+from ep_jit.transports.nvlink import NVLinkTransport, segment_offsets
+
+
+def _buffer(transport: str) -> Buffer:
+    """A Buffer as far as the checks go: its transport's class stands in for the transport."""
+    buf = Buffer.__new__(Buffer)
+    buf.transport, buf._transport = transport, TRANSPORTS[transport]
+    return buf
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    (dict(layout="expert_major"), ValueError, "layout: expected 'token' or 'expert', got 'expert_major'"),
+    (dict(pad_multiple=16), ValueError, "pad_multiple: expected None with layout='token', got 16"),
+    (dict(layout="expert", pad_multiple=0), ValueError, "pad_multiple: expected a positive int, got 0"),
+    (dict(layout="expert", pad_multiple=True), ValueError, "pad_multiple: expected a positive int, got True"),
+])
+def test_layout_arguments_are_checked_first(kwargs, error, needle):
+    x = torch.zeros(4, 8)
+    with pytest.raises(error, match=needle):
+        _buffer("nvlink").dispatch(x, None, None, **kwargs)
+
+
+def test_collective_transport_names_what_it_lacks():
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="layout: transport='collective' does not support the expert layout yet"):
+        _buffer("collective").dispatch(x, None, None, layout="expert", pad_multiple=16)
+    with pytest.raises(ValueError, match="x: transport='collective' does not support the autograd yet"):
+        _buffer("collective").dispatch(x.requires_grad_(), None, None)
+    assert NVLinkTransport.features == {"expert layout", "autograd"} and not CollectiveTransport.features
+
+
+def test_fp8_dispatch_has_no_gradient_for_x():
+    buf = _buffer("nvlink")
+    buf.dtype = "fp8_e4m3"
+    with pytest.raises(ValueError, match="x: fp8 dispatch has no gradient with respect to x"):
+        buf.dispatch(torch.zeros(4, 8, requires_grad=True), None, None)
+
+
+def test_segment_offsets_round_each_segment_up():
+    assert segment_offsets([3, 0, 17, 1], 16) == [0, 16, 16, 48, 64]
+    assert segment_offsets([3, 0, 17, 1], 1) == [0, 3, 3, 20, 21]
+    assert segment_offsets([], 128) == [0]
+
+
+def test_kernels_are_fetched_at_first_use_and_warm_fetches_the_rest(monkeypatch):
+    fetched = []
+
+    class Binary:
+        def __init__(self, spec):
+            self.spec, self.cubin, self.key = spec, b"", "0" * 64
+
+        def symbol(self, name):
+            return name
+
+    class Library:
+        def __init__(self, *args):
+            pass
+
+        def kernel(self, symbol, declaration):
+            return symbol
+
+    def warm(specs, info, all_gather):
+        fetched.append([s.template for s in specs])
+        return [Binary(s) for s in specs]
+
+    monkeypatch.setattr(base, "warm", warm)
+    monkeypatch.setattr(base, "Library", Library)
+    bound = type("Bound", (), {"info": type("Info", (), {"size": 2, "member_hash": "ab" * 32})(), "device": 0,
+                               "gather": None})()
+    setup = base.Setup(bound, 2048, 8, 2, "bf16", 128, 8, 1.0, "sm_90a")
+    kernels = base.Kernels(setup, NVLinkTransport.templates)
+    assert fetched == [] and kernels.fetched == ()
+    assert kernels.send == "send" and kernels.pull == "pull"  # binary.symbol(name), here the name
+    assert fetched == [["dispatch"]]  # once per template
+    kernels.warm()
+    kernels.warm()
+    assert fetched == [["dispatch"], ["combine"]] and kernels.fetched == ("dispatch", "combine")
+    with pytest.raises(AttributeError, match="no kernel 'sum'"):
+        kernels.sum
+
+
+def test_warming_covers_every_template_a_buffer_can_fetch():
+    specs = buffer_specs(hidden=2048, num_experts=8, topk=2, dtype="bf16", members=[0, 1], arch="sm_90a")
+    assert {s.template for s in specs} == {t for cls in TRANSPORTS.values() for t in cls.templates}
+
+
+@pytest.mark.parametrize("template", ["dispatch", "combine"])
+@pytest.mark.parametrize("shape", [(2048, 1024, 1, 8, "bf16"), (2048, 64, 64, 1, "bf16"), (7168, 256, 8, 8, "fp8_e4m3")])
+def test_layout_paths_compile_at_their_extremes(template, shape):
+    """Most local experts (the pair ranking's shared memory), most ranks at top-1, fp8 top-8."""
+    compile_source(render(KernelSpec(template, *shape, "ab" * 32, "sm_90a")), "test")
