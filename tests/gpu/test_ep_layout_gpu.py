@@ -1,12 +1,12 @@
-"""The expert layout, autograd and lazy compilation on real GPUs (tests/ep_worker_layout.py),
+"""The expert layout, autograd and lazy compilation on real GPUs (tests/gpu/ep_worker_layout.py),
 checked against CPU references; ranks share GPUs where there are fewer GPUs than ranks."""
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from test_ep_gpu import run_ranks
 
-WORKER = REPO / "tests" / "ep_worker_layout.py"
+WORKER = REPO / "tests" / "gpu" / "ep_worker_layout.py"
 
 
 @pytest.mark.gpu

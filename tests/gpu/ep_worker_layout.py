@@ -1,7 +1,7 @@
 """One rank of the expert-layout, autograd and lazy-compilation checks (run by
-tests/gpu/test_ep_layout_gpu.py like tests/ep_worker.py, whose inputs and helpers it uses).
+tests/gpu/test_ep_layout_gpu.py like tests/gpu/ep_worker.py, whose inputs and helpers it uses).
 
-    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. EP_TEST_SEED=.. python tests/ep_worker_layout.py SUITE
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. EP_TEST_SEED=.. python tests/gpu/ep_worker_layout.py SUITE
 """
 
 from __future__ import annotations
