@@ -35,6 +35,7 @@ def _event_done(event: Any) -> bool:
     return True
 
 
+MAX_CAPACITY = 2**31 - 1  # rows are counted in int32 on the device
 _ids = itertools.count(1)
 
 
@@ -69,7 +70,6 @@ class Buffer:
         self.dtype = canonical_dtype(dtype)
         _positive("num_experts", num_experts)  # the rest of the shape is checked by KernelSpec
         _positive("num_sms", num_sms)
-        transport_type.check_setup(group, R, num_sms)
         if R > MAX_RANKS or num_experts // R > MAX_LOCAL_EXPERTS:
             raise ValueError(f"group: expected at most {MAX_RANKS} ranks and {MAX_LOCAL_EXPERTS} experts per rank, "
                              f"got {R} ranks and {num_experts} experts")
@@ -78,6 +78,7 @@ class Buffer:
                                                        num_experts=num_experts, topk=topk, dtype=self.dtype,
                                                        max_tokens_per_rank=self.max_tokens, num_sms=num_sms,
                                                        transport=transport))
+        transport_type.check_setup(group, R, num_sms)  # after the gather: every member refuses alike
         use_device(self.device)
         sm_count = device_attribute(self.device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         self.num_sms = num_sms
@@ -208,8 +209,9 @@ class Buffer:
             sv = self._tensor("scales", scales, "float32", (T, H // SCALE_BLOCK), fw, vectors=True, adapter=adapter)
         elif scales is not None:
             raise ValueError("scales: expected None for a bf16 Buffer, got a tensor")
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
-            raise ValueError(f"capacity: expected a non-negative int or None, got {capacity!r}")
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or
+                                     not 0 <= capacity <= MAX_CAPACITY):
+            raise ValueError(f"capacity: expected an int in [0, {MAX_CAPACITY}] or None, got {capacity!r}")
         op = self._operation(stream, adapter)
         self._transport.check_operation(op, capacity)
         use_device(self.device)

@@ -86,6 +86,7 @@ class NVLinkTransport:
         self._send, self._pull, self._combine = SendArgs(peers=peers), PullArgs(peers=peers), CombineArgs(peers=peers)
         self._tickets = 0  # host-side id of each default-mode dispatch, echoed by the count exchange
         self._stale_status: set[int] = set()  # device status words to clear on the next operation's stream
+        self._unraised_nonblocking = False
         self.closed = False
 
     @staticmethod
@@ -129,11 +130,15 @@ class NVLinkTransport:
                              "only the contributions that were kept")
 
     def _raise_bad_topk(self, topk_idx: Any) -> None:
+        """`topk_idx`: this default-mode dispatch's ids, or None when the report may come
+        from an earlier non-blocking dispatch (the device keeps it until it is raised)."""
         source, flat = self.mailbox.bad_source - 1, self.mailbox.bad_index - 1
         self.mailbox.bad_source = self.mailbox.bad_index = 0
         self._clear_status(1)
+        if self._unraised_nonblocking:
+            topk_idx, self._unraised_nonblocking = None, False
         value = None
-        if source == self.group.rank and topk_idx is not None:
+        if source == self.group.rank and topk_idx is not None and flat < topk_idx.shape[0] * self.topk:
             check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
             found = ctypes.c_int64()
             check(driver.cuMemcpyDtoH(ctypes.addressof(found), topk_idx.ptr + 8 * flat, 8),
@@ -167,6 +172,8 @@ class NVLinkTransport:
         a = self._send
         if capacity is None:
             self._tickets = next_ticket(self._tickets)
+        else:
+            self._unraised_nonblocking = True  # a bad id it finds is raised later, maybe by a default dispatch
         a.ticket = self._tickets if capacity is None else 0
         token_slot = op.empty((T, R), "int32", dev)
         in_rank = op.empty((T, R), "bool", dev)
