@@ -337,7 +337,9 @@ def suite_errors() -> int:
 
 
 def suite_timeout() -> int:
-    with ep_jit.Buffer(dist.group.WORLD, 2048, 8, 2, max_tokens_per_rank=16, num_sms=3, timeout_s=3) as buf:
+    # warm: the kernels are fetched (collectively) before rank 1 stops answering
+    with ep_jit.Buffer(dist.group.WORLD, 2048, 8, 2, max_tokens_per_rank=16, num_sms=3, timeout_s=3,
+                       warm=True) as buf:
         x = torch.randn(8, 2048, device=DEV).bfloat16()
         idx = torch.randint(0, 8, (8, 2), device=DEV)
         w = torch.rand(8, 2, device=DEV)
