@@ -37,7 +37,8 @@ last use: set when a process loads an entry; cache-inspect never changes it.
 
 exit status:
   0  success (verify: every entry verifies, or --fix fixed every problem)
-  1  verify found a problem it did not fix; show found a corrupt entry
+  1  verify found a problem it did not fix; show found a corrupt entry; coverage found a
+     kernel in no tier; export/import refused a bundle; the cache could not be written
   2  bad arguments or EP_JIT_* setting: one line on stderr, nothing changed
 """
 LIST_COLUMNS = [("key", 10), ("template", 10), ("hidden", -6), ("experts", -7), ("ep_size", -7), ("topk", -4),

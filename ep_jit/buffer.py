@@ -168,7 +168,8 @@ class Buffer:
         last segment are zero) and the count is `handle.recv_offsets[R]` on the device.
         Sequence numbers live on the device, so dispatch and combine can be captured in a CUDA
         graph and replayed. The device records bad ids (they are skipped) and rows past the
-        capacity (dropped); the next default-mode dispatch or `raise_pending()` raises them.
+        capacity (dropped): bad ids are raised by the next default-mode dispatch or by
+        `raise_pending()`, dropped rows by `raise_pending()` alone.
 
         Differentiable when x (bf16) or topk_weights requires grad: see ep_jit/autograd.py.
         """

@@ -43,6 +43,8 @@ def read_shared(key: str) -> Entry | None:
             return cache.load(path)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        except (CorruptEntry, OSError) as exc:
+        except CorruptEntry as exc:
             log.warning("shared cache entry %s does not verify (%s); ignored, building it locally", path, exc)
+        except OSError as exc:
+            log.warning("shared cache entry %s cannot be read (%s); ignored, building it locally", path, exc)
     return None

@@ -35,6 +35,7 @@ class Adapter(Protocol):
     def all_gather(self, group: Any, out: Any, inp: Any, stream: int | None) -> None: ...
     def all_to_all(self, group: Any, out: Any, inp: Any, out_splits: list[int], in_splits: list[int],
                    stream: int | None) -> None: ...
+    def check_collective_stream(self, stream: int | None) -> None: ...  # raises if they cannot run there
 
 
 def paddle_torch_proxy_active() -> bool:

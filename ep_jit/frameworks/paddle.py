@@ -73,24 +73,24 @@ class PaddleAdapter:
                              f"got {current}; call paddle.device.set_device first")
         return paddle.empty(list(shape), dtype=_PADDLE[dtype])
 
+    def check_collective_stream(self, stream: int | None) -> None:
+        """Paddle runs a collective after its current stream's work and makes that stream
+        wait for it; it cannot be pointed at another stream."""
+        if stream is not None:
+            raise ValueError(f"stream: expected Paddle's current stream for a collective of a Paddle group, got "
+                             f"handle {stream}; run the operation under paddle.device.stream_guard instead")
+
     def all_gather(self, group: Any, out: paddle.Tensor, inp: paddle.Tensor, stream: int | None) -> None:
-        _on_current_stream(stream)
+        self.check_collective_stream(stream)
         from paddle.distributed.communication import stream as comm
         comm.all_gather(out, inp, group=group, sync_op=True)  # a tensor: concatenated along dim 0
 
     def all_to_all(self, group: Any, out: paddle.Tensor, inp: paddle.Tensor, out_splits: list[int],
                    in_splits: list[int], stream: int | None) -> None:
-        _on_current_stream(stream)
+        self.check_collective_stream(stream)
         if self.dtype(out) == "fp8_e4m3":  # fp8 is not an NCCL type everywhere; its bytes are
             out, inp = out.view("uint8"), inp.view("uint8")
         # keywords: 2.6 takes (in_tensor, out_tensor, ...), 3.x (out_tensor, in_tensor, ...)
         paddle.distributed.alltoall_single(out_tensor=out, in_tensor=inp, out_split_sizes=out_splits,
                                            in_split_sizes=in_splits, group=group, sync_op=True)
 
-
-def _on_current_stream(stream: int | None) -> None:
-    """Paddle runs a collective after its current stream's work and makes that stream
-    wait for it; it cannot be pointed at another stream."""
-    if stream is not None:
-        raise ValueError(f"stream: expected Paddle's current stream for a collective of a Paddle group, got handle "
-                         f"{stream}; run the operation under paddle.device.stream_guard instead")

@@ -53,6 +53,9 @@ class TorchAdapter:
         with _current(stream, _DEVICES[device]):
             return torch.empty(shape, dtype=_TORCH[dtype], device=_DEVICES[device])
 
+    def check_collective_stream(self, stream: int | None) -> None:
+        """torch's collectives run on any stream."""
+
     def all_gather(self, group: Any, out: torch.Tensor, inp: torch.Tensor, stream: int | None) -> None:
         with _current(stream, out.device):
             _all_gather_single(out, inp, group=group)

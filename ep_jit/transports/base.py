@@ -80,7 +80,9 @@ class Kernels:
             spec, loaded = binary.spec, time.perf_counter()
             library = Library(binary.cubin, self._setup.bound.device, f"{spec.describe()} (key {binary.key[:16]})")
             for kernel in TEMPLATES[spec.template]:
-                self._loaded[kernel.name] = library.kernel(binary.symbol(kernel.name), kernel)
+                loaded_kernel = library.kernel(binary.symbol(kernel.name), kernel)
+                self._loaded[kernel.name] = loaded_kernel
+                setattr(self, kernel.name, loaded_kernel)  # later lookups skip __getattr__ (the launch path)
             record_load(time.perf_counter() - loaded)
         for t in templates:
             self.first_fetch_s[t] = (time.perf_counter() - start) / len(templates)

@@ -78,6 +78,7 @@ class CollectiveTransport:
         if capacity is not None:
             raise ValueError(f"capacity: expected None with transport='collective' (the all_to_all needs the split "
                              f"sizes on the host, so it always waits for the counts), got {capacity}")
+        op.adapter.check_collective_stream(op.foreign_stream)  # before anything is queued
 
     # ---- dispatch ---------------------------------------------------------------
 

@@ -195,7 +195,9 @@ class NVLinkTransport:
         pull.expert_base, pull.expert_offsets, pull.expert_counts = a.expert_base, a.expert_offsets, a.local_expert_counts
         if capacity is None:
             self._wait_for_counts(a.ticket)
-            if self.mailbox.bad_source:  # every rank learns it here; release the stage, then raise
+            if self.mailbox.bad_source:  # every rank learns it here, so every rank raises
+                # an abandoning pull (capacity -1) on every rank still releases the peers' stages
+                # and advances the dispatch sequence, so the group stays usable
                 pull.recv_x = pull.recv_scales = pull.recv_idx = pull.recv_weights = pull.recv_token = 0
                 pull.pair_rows, pull.capacity, pull.token_rows = 0, -1, 0
                 self.kernels.pull.launch(op.stream, self.num_sms, pull)
