@@ -17,7 +17,7 @@ using cuda::std::uint64_t;
 // Status words. Kernels read the device copy (cheap); the first writer of a word also
 // stores it into the host copy (mapped pinned memory), which the host polls.
 //   [0] error: 0, or phase << 16 | (peer + 1) when a wait timed out
-//   [1] 1 + flat index of the first top-k id outside [-1, E), else 0
+//   [1] 1 + flat index of a top-k id outside [-1, E) (the first one reported), else 0
 //   [2] received rows when they exceeded the non-blocking capacity, else 0
 //   [3] rows of this rank's tokens that a peer dropped for its capacity (found by combine)
 struct Status {
