@@ -105,7 +105,7 @@ def resolve(spec: KernelSpec, cache: DiskCache | None = None, *,
         config.check_environment()
         cache = cache or DiskCache()
         if config.always_compile():
-            entry, tier = _compile_and_publish(*_keyed(spec), None, must_publish), "compiled"
+            entry, tier = _compile_and_publish(*keyed(spec), None, must_publish), "compiled"
         else:
             entry, tier = fetch_or_build(spec, cache, require_warm=require_warm, must_publish=must_publish)
         return _install(spec, entry, tier), tier
@@ -132,7 +132,8 @@ def _install(spec: KernelSpec, entry: Entry, tier: Tier) -> KernelBinary:
     return binary
 
 
-def _keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
+def keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
+    """The rendered source of `spec`, its key inputs and its key (reads and writes nothing)."""
     source = render(spec)
     inputs, key = make_key(source.key_inputs())
     return source, inputs, key
@@ -140,12 +141,12 @@ def _keyed(spec: KernelSpec) -> tuple[Source, dict, str]:
 
 def spec_inputs(spec: KernelSpec) -> tuple[dict, str]:
     """The key inputs of `spec` and the key they hash to: renders and hashes, reads and writes nothing."""
-    return _keyed(spec)[1:]
+    return keyed(spec)[1:]
 
 
 def spec_key(spec: KernelSpec) -> str:
     """The cache key of `spec`: renders and hashes, reads and writes nothing."""
-    return _keyed(spec)[2]
+    return keyed(spec)[2]
 
 
 def lookup(spec: KernelSpec, cache: DiskCache) -> tuple[str, Entry | None]:
@@ -190,7 +191,7 @@ def fetch_or_build(spec: KernelSpec, cache: DiskCache, *, require_warm: bool | N
                    must_publish: bool = False) -> tuple[Entry, Tier]:
     """The spec's entry from the local disk, a shared tier, or NVRTC (then published);
     a failed compile gives an entry too. Touches neither memory tier nor failure memory."""
-    source, inputs, key = _keyed(spec)
+    source, inputs, key = keyed(spec)
     found = find(key, cache)
     if found is None:
         if config.require_warm() if require_warm is None else require_warm:
@@ -221,17 +222,28 @@ def _read(cache: DiskCache, key: str) -> Entry | None:
     return entry
 
 
+def entry_header(source: Source, inputs: dict, key: str, **outcome: object) -> EntryHeader:
+    """An entry's header: what the key says (inputs, spec, rendered source and headers) and
+    `outcome`, what the compile made of it (OUTCOME_FIELDS). CorruptEntry if outcome is off."""
+    spec = source.spec
+    return EntryHeader.from_json({
+        "key": key, "inputs": inputs, "source": source.text, "headers": source.headers,
+        "spec": {"template": spec.template, **spec.params(), "member_hash": spec.member_hash, "arch": spec.arch},
+        **outcome})
+
+
+OUTCOME_FIELDS = ("status", "lowered_names", "log", "compile_seconds", "created_at", "ep_jit_version", "nvrtc_version")
+
+
 def _compile_and_publish(source: Source, inputs: dict, key: str, cache: DiskCache | None,
                          must_publish: bool = False) -> Entry:
     """Compile and publish; a failure is published too (status "failed", the NVRTC log)."""
     spec = source.spec
 
     def header(status: str, log_text: str, lowered: dict, seconds: float) -> EntryHeader:
-        return EntryHeader(
-            key=key, inputs=inputs, status=status, lowered_names=lowered, log=log_text, compile_seconds=seconds,
-            spec={"template": spec.template, **spec.params(), "member_hash": spec.member_hash, "arch": spec.arch},
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), ep_jit_version=__version__,
-            nvrtc_version=nvrtc_version(), source=source.text, headers=source.headers)
+        return entry_header(source, inputs, key, status=status, lowered_names=lowered, log=log_text,
+                            compile_seconds=seconds, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            ep_jit_version=__version__, nvrtc_version=nvrtc_version())
 
     log.info("compiling %s (key %s)", spec.describe(), key[:16])
     start = time.perf_counter()

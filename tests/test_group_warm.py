@@ -177,3 +177,24 @@ def test_always_compile_bypasses_the_disk_in_a_group_too(cache_env, monkeypatch)
     binaries = ep_jit.warm(_specs(), GroupInfo([0, 1], 0), all_gather=gather)
     assert len(calls) == 1 and ep_jit.stats()["compiles"] - s0["compiles"] == len(binaries)
     assert not (cache_env / "v1").exists()
+
+
+def test_an_entry_travels_as_its_outcome_and_compressed_payload(cache_env):
+    """Peers rebuild the rest of the header from the key, so a DeepSeek-V3 dispatch entry
+    crosses the group in well under 32 KB (a fresh gloo group's first larger message costs
+    about 0.2 s), and what arrives is the entry that was sent."""
+    import pickle
+
+    from ep_jit import group_warm
+    from ep_jit.cache import DiskCache
+
+    spec = ep_jit.buffer_specs(hidden=7168, num_experts=256, topk=8, dtype="bf16", members=range(8),
+                               arch="sm_90a", transport="nvlink")[0]
+    key = ep_jit.get_kernel(spec).key
+    entry = DiskCache().read(key)
+    wire = group_warm._pack(entry)
+    assert len(pickle.dumps(wire)) < 32_000
+    assert group_warm._unpack(spec, key, wire) == (entry.header, entry.payload)
+    outcome, packed, digest = wire
+    with pytest.raises(ep_jit.cache.CorruptEntry, match="checksum"):
+        group_warm._unpack(spec, key, (outcome, packed, "0" * 64))
