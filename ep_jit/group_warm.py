@@ -5,9 +5,9 @@ Round 1: every member reports the keys of its specs, which of them it can hand o
 verified entry in its local cache or a shared tier) and which it lacks. Every member
 derives the same plan from the reports: each key lacking somewhere goes to a member that
 holds it or, where none does, to the least-loaded member that needs it, which compiles
-it. Round 2: the members pass their shares' entry bytes round through the group's object
-all-gather; each member verifies what it lacks against its key and publishes it into its
-own local cache. A member that fails before a round still joins it, carrying its error,
+it. Round 2: the members pass their shares' entries round through the group's object
+all-gather (compact: see _pack); each member verifies what it lacks against its key and
+publishes it into its own local cache. A member that fails before a round still joins it, carrying its error,
 so every member raises instead of waiting for it.
 """
 
