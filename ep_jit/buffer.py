@@ -308,10 +308,10 @@ class Buffer:
     # ---- teardown ---------------------------------------------------------------
 
     def close(self, wait_for_peers: bool = True) -> None:
-        """Free what the Buffer holds (also done at exit, and at once when a peer times
-        out). Collective by default: a peer may still be reading this rank's memory until
-        it has finished its last operation. `wait_for_peers=False` frees without waiting,
-        for a group that is already broken."""
+        """Free what the Buffer holds. Collective by default: a peer may still be reading this
+        rank's memory until it has finished its last operation. `wait_for_peers=False` (for a
+        group that is already broken; also what a PeerTimeout and garbage collection do) frees
+        what only this rank uses and keeps the buffer its peers can reach until process exit."""
         self._transport.close(wait_for_peers)
 
     def __enter__(self) -> "Buffer":

@@ -78,8 +78,10 @@ class SymmetricBuffer:
         self.group, self.layout, self.size, self.device = group, layout, size, device
         layout.nonce = all_gather(secrets.randbits(32))[0]
         self.local = check(driver.cuMemAlloc(size), f"cuMemAlloc({size})")
-        self._opened: list[int] = []   # peers' buffers, unmapped on close
-        self._owned: list[int] = [int(self.local)]  # freed on close
+        self._opened: list[int] = []   # peers' buffers, unmapped on close and on collection
+        # freed on close and on collection; this rank's exported buffer joins only on a
+        # collective close, since a Buffer dropped without one may still have peers using it
+        self._owned: list[int] = []
         self._finalizer = weakref.finalize(self, _free, device, self._opened, self._owned)
         with setup_stream("symmetric buffer") as stream:
             check(driver.cuMemsetD8Async(self.local, 0, size, stream), "cuMemsetD8Async")
@@ -120,13 +122,14 @@ class SymmetricBuffer:
 
     def close(self) -> None:
         """Unmap the peers' buffers and free this one: only once no peer can still use it
-        (after a collective barrier), or at exit and on collection."""
+        (after a collective barrier)."""
+        self._owned.append(int(self.local))
         self._finalizer()
 
     def abandon(self) -> None:
         """Unmap the peers' buffers and free what only this rank uses, but keep this rank's
-        exported buffer until process exit: a slower peer may still read or write it."""
-        self._owned.remove(int(self.local))
+        exported buffer until process exit: a slower peer may still read or write it. Also
+        what collection does."""
         self._finalizer()
 
 
