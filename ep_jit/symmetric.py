@@ -18,7 +18,7 @@ from cuda.bindings import driver
 
 from .group import GroupInfo
 from .kernels.args import SymLayout
-from .kernels.constants import COMBINE_CHUNK_ROWS, COMBINE_CONSUMED, NUM_FLAG_KINDS, SCALE_BLOCK, STAGE_CONSUMED
+from .kernels.constants import COMBINE_CONSUMED, NUM_FLAG_KINDS, SCALE_BLOCK, STAGE_CONSUMED
 from .runtime import check, quiesce, setup_stream, use_device
 from .topology import Endpoint, local_endpoint, verify_nvlink_domain
 
@@ -38,7 +38,7 @@ def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max
         ("stage_weights", max_tokens * topk * 4),
         ("stage_pos", max_tokens * topk * 4),
         ("combine", num_ranks * max_tokens * hidden * 2),
-        ("combine_ready", num_ranks * -(-max_tokens // COMBINE_CHUNK_ROWS) * 8),
+        ("combine_ready", num_ranks * max_tokens * 8),
         ("combine_scalars", num_ranks * max_tokens * topk * 4),
         ("combine_dropped", num_ranks * 4),
     ]

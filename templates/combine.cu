@@ -4,7 +4,8 @@
 // combine_kernel  every block has kPushWarps pushing warps and the rest reducing.
 //   push    on expert rank r: output row j came from source s at slot j - offset[s]; it
 //           is written to s's buffer at combine[r][slot] with 16-byte stores, in chunks of
-//           kCombineChunkRows rows, each flagged in s's combine_ready when in place. Waits
+//           up to kCombineChunkRows rows (fewer when r holds few of s's rows, so every
+//           pushing warp has some), each flagged in s's combine_ready when in place. Waits
 //           first until every source has reduced the previous combine. Rows that r dropped
 //           for its capacity in dispatch are written as zeros, so they add nothing, and
 //           their number goes to s's combine_dropped[r], which s reports (status word 3).
@@ -21,13 +22,20 @@
 namespace ep_jit {
 
 constexpr int kPushWarps = 12;       // of the block's 16; the pushes are bound by NVLink, not by warps
-constexpr int kTokensPerTake = 4;    // tokens a reducing warp takes from the queue at once
+constexpr int kTokensPerTake = 4;    // tokens a reducing warp takes from the queue at once, at most
 using bf16 = __nv_bfloat16;
 
-template <int NUM_RANKS>
+// Flag of chunk `chunk` of the rows `peer` pushes to this rank (at most max_tokens chunks).
 __device__ __forceinline__ uint64_t* chunk_flag(uint64_t base, const SymLayout& L, int peer, int chunk) {
-    const int per_peer = (L.max_tokens + kCombineChunkRows - 1) / kCombineChunkRows;
-    return sym_ptr<uint64_t>(base, L.combine_ready) + static_cast<int64_t>(peer) * per_peer + chunk;
+    return sym_ptr<uint64_t>(base, L.combine_ready) + static_cast<int64_t>(peer) * L.max_tokens + chunk;
+}
+
+// Rows per flagged chunk of the `rows` rows between one pusher and one source: both ends
+// know `rows` (the pusher received them, the source sent them) and the grid, so both
+// compute the same size; few rows make small chunks, so every pushing warp gets some.
+template <int NUM_RANKS>
+__device__ __forceinline__ int combine_chunk_rows(int rows) {
+    return chunk_rows_for(rows, gridDim.x * kPushWarps / NUM_RANKS, kCombineChunkRows);
 }
 
 // What row j carries besides its bf16 row: the pairs' scalars (lane k < TOPK holds k's).
@@ -66,10 +74,10 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
                                           const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
                                           uint64_t want, int warp, int num_warps, int lane) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
-    const PeerChunks<NUM_RANKS, kCombineChunkRows> chunks(offsets, total, rank);
+    const PeerChunks<NUM_RANKS> chunks(offsets, total, rank, num_warps, kCombineChunkRows, true);
     for (int c = warp; c < chunks.count; c += num_warps) {
         const int dst = chunks.peer(c), begin = chunks.begin(c), end = chunks.end(c);
-        const int stop = min(begin + kCombineChunkRows, offsets[dst + 1]);
+        const int stop = min(begin + chunks.size(dst), offsets[dst + 1]);
         if (begin >= stop) continue;
         const int64_t first_slot = static_cast<int64_t>(rank) * L.max_tokens + (begin - offsets[dst]);
         int4* to = sym_ptr<int4>(peers[dst], L.combine) + first_slot * kVecs;
@@ -88,7 +96,7 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
         if (lane == 0) {
             if (stop > end)
                 sym_ptr<int>(peers[dst], L.combine_dropped)[rank] = offsets[dst + 1] - max(offsets[dst], total);
-            st_release_sys(chunk_flag<NUM_RANKS>(peers[dst], L, rank, c / NUM_RANKS), want);
+            st_release_sys(chunk_flag(peers[dst], L, rank, c / NUM_RANKS), want);
         }
     }
 }
@@ -96,31 +104,38 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
 // Reduce tokens taken from the queue until it is empty; false if a wait failed.
 template <int HIDDEN, int NUM_RANKS, int TOPK>
 __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, float* __restrict__ scalars_out,
-                                              const int* __restrict__ token_slot,
+                                              const int* __restrict__ token_slot, const int* __restrict__ sent,
                                               int num_tokens, uint64_t my_base, const SymLayout& L, int* queue,
                                               uint64_t want, uint64_t timeout_ns, const Status& st, int lane) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
     constexpr int kPerLane = (NUM_RANKS + kWarpSize - 1) / kWarpSize;
     const int4* rows = sym_ptr<const int4>(my_base, L.combine);
     int seen[kPerLane];  // lane l: the last chunk of peer l + i * 32 found in place
+    int size[kPerLane];  // and the rows per chunk of that peer's pushes
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) seen[i] = -1;
+    for (int i = 0; i < kPerLane; ++i) {
+        const int r = lane + i * kWarpSize;
+        seen[i] = -1;
+        size[i] = r < NUM_RANKS ? combine_chunk_rows<NUM_RANKS>(sent[r]) : 1;
+    }
+    // a few tokens per take, fewer when there are few, so that every warp gets some
+    const int take = chunk_rows_for(num_tokens, gridDim.x * blockDim.x / kWarpSize, kTokensPerTake);
     for (;;) {
-        int first = lane == 0 ? atomicAdd(queue, kTokensPerTake) : 0;
+        int first = lane == 0 ? atomicAdd(queue, take) : 0;
         first = __shfl_sync(0xffffffffu, first, 0);
         if (first >= num_tokens) return true;
-        for (int t = first; t < min(first + kTokensPerTake, num_tokens); ++t) {
+        for (int t = first; t < min(first + take, num_tokens); ++t) {
             const int* slots = token_slot + static_cast<int64_t>(t) * NUM_RANKS;
             bool arrived = true, waited = false;
 #pragma unroll
             for (int i = 0; i < kPerLane; ++i) {
                 const int r = lane + i * kWarpSize;
                 const int slot = r < NUM_RANKS ? slots[r] : -1;
-                if (slot >= 0 && slot / kCombineChunkRows != seen[i]) {
+                if (slot >= 0 && slot / size[i] != seen[i]) {
                     // exact: a chunk flag is not posted every round, and never ahead of this one
-                    arrived = arrived && wait_flag(chunk_flag<NUM_RANKS>(my_base, L, r, slot / kCombineChunkRows),
-                                                   want, timeout_ns, st, kPhaseCombineReduce, r, true);
-                    seen[i] = slot / kCombineChunkRows;
+                    arrived = arrived && wait_flag(chunk_flag(my_base, L, r, slot / size[i]), want, timeout_ns, st,
+                                                   kPhaseCombineReduce, r, true);
+                    seen[i] = slot / size[i];
                     waited = true;
                 }
             }
@@ -171,8 +186,9 @@ __global__ void __launch_bounds__(kCopyThreads) combine_kernel(const __grid_cons
     if (warp_in_block < kPushWarps)
         push_rows<HIDDEN, NUM_RANKS, TOPK>(a, offsets, min(offsets[NUM_RANKS], a.num_rows), peers, L, rank, want,
                                            blockIdx.x * kPushWarps + warp_in_block, gridDim.x * kPushWarps, lane);
-    reduce_tokens<HIDDEN, NUM_RANKS, TOPK>(static_cast<bf16*>(a.out), a.scalars_out, a.token_slot, a.num_tokens, peers[rank], L,
-                                     &ws->combine_queue, want, timeout_ns, st, lane);
+    reduce_tokens<HIDDEN, NUM_RANKS, TOPK>(static_cast<bf16*>(a.out), a.scalars_out, a.token_slot, a.sent_counts,
+                                           a.num_tokens, peers[rank], L, &ws->combine_queue, want, timeout_ns, st,
+                                           lane);
     if (!last_block_arrives(&ws->combine_done, gridDim.x)) return;
     ws->combine_queue = 0;
     // every chunk has been acquired by some block, so what the pushers dropped is in place

@@ -12,8 +12,8 @@
 // pull_kernel   on the destination, once every source's stage is ready: row j of the
 //               output is row j - offset[s] of source s's list, so rows come out ordered
 //               by (source rank, source token index). Reads are 16-byte loads from the
-//               peer's buffer, one warp per row; chunks of 32 rows alternate between
-//               sources so every link is busy at once. Expert ids become local ids
+//               peer's buffer, one warp per row; chunks of up to 32 rows alternate
+//               between sources so every link is busy at once. Expert ids become local ids
 //               (others -1, weight 0). Rows past the received count, up to the capacity,
 //               are marked empty (-1, 0); rows past the capacity are reported in status
 //               word 2 and not copied. capacity < 0 abandons the dispatch (a rank passed
@@ -60,7 +60,8 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
                                                 const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
                                                 uint64_t want, uint32_t ticket, uint64_t timeout_ns, const Status& st,
                                                 int* recv_offsets, int* local_expert_counts, Mailbox* mailbox,
-                                                int pad_multiple, int* expert_offsets, int* expert_base) {
+                                                int pad_multiple, int* expert_offsets, int* expert_base,
+                                                int* sent_counts) {
     static_assert(NUM_RANKS <= kMaxRanks && NUM_EXPERTS / NUM_RANKS <= kMaxLocalExperts, "mailbox too small");
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kRow = 2 + kLocal;  // tokens, per local expert, bad top-k report
@@ -75,6 +76,7 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
                         : k == kRow - 1 ? ld_volatile(st.device + 1)
                                         : ld_volatile(tokens_per_expert + dst * kLocal + k - 1);
         sym_ptr<int>(peers[dst], L.counts)[rank * kRow + k] = value;
+        if (k == 0) sent_counts[dst] = value;  // kept with the handle: combine sizes its chunks by it
     }
     __threadfence_system();  // the counts, and this block's send list, before the flags
     __syncthreads();
@@ -185,7 +187,8 @@ __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constan
         if (last)
             exchange_counts<NUM_EXPERTS, NUM_RANKS>(ws->tokens_per_rank, ws->tokens_per_expert, peers, L, rank, want,
                                                     a.ticket, timeout_ns, st, a.recv_offsets, a.local_expert_counts,
-                                                    mailbox, a.pad_multiple, a.expert_offsets, a.expert_base);
+                                                    mailbox, a.pad_multiple, a.expert_offsets, a.expert_base,
+                                                    a.sent_counts);
         return;
     }
     stage_tokens<HIDDEN, TOPK, T>(static_cast<const T*>(a.x), a.scales, a.topk_idx, a.topk_weights, num_tokens,
@@ -248,9 +251,10 @@ __global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constan
     const int lane = threadIdx.x % kWarpSize;
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
-    // Rows are taken 32 at a time per warp, interleaved over the sources: lane i looks up
-    // the token of the chunk's i-th row first, so no row waits on a remote index read.
-    const PeerChunks<NUM_RANKS> chunks(offsets, total, rank);
+    // Rows are taken up to 32 at a time per warp (fewer when there are few, so every warp
+    // gets some), interleaved over the sources: lane i looks up the token of the chunk's
+    // i-th row first, so no row waits on a remote index read.
+    const PeerChunks<NUM_RANKS> chunks(offsets, total, rank, num_warps, kWarpSize, false);
     for (int c = warp; c < chunks.count; c += num_warps) {
         const int src = chunks.peer(c), begin = chunks.begin(c), rows_here = chunks.end(c) - begin;
         if (rows_here <= 0) continue;

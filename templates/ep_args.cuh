@@ -37,8 +37,8 @@ struct SymLayout {
     int64_t stage_weights;   // float [max_tokens][K]
     int64_t stage_pos;       // int [max_tokens][K]: rank of pair (t, k) among my pairs of its expert (expert layout)
     int64_t combine;         // bf16 [R][max_tokens][H]: rows expert rank p pushed back for my tokens
-    int64_t combine_ready;   // uint64 [R][max_tokens / kCombineChunkRows, rounded up]: [p][k] says rows
-                             // [k, k + 1) * kCombineChunkRows of p's pushes to me are in place (combine seq)
+    int64_t combine_ready;   // uint64 [R][max_tokens]: [p][k] says chunk k of p's pushes to me is in
+                             // place (combine seq); combine.cu sizes the chunks
     int64_t combine_scalars; // float [R][max_tokens][K]: per-pair values p pushed back with its rows
     int64_t combine_dropped; // int [R]: [p] = rows of my tokens that p dropped for its capacity, this combine
     int32_t max_tokens;
@@ -115,6 +115,7 @@ struct SendArgs {            // send_kernel (NVLink dispatch, on the source)
     int32_t* local_expert_counts;  // [E/R]
     int32_t* expert_offsets;     // [E/R + 1]: padded segment starts (expert layout, else null)
     int32_t* expert_base;        // [R][E/R]: first row of source p's pairs in segment e (expert layout)
+    int32_t* sent_counts;        // [R]: tokens sent to each destination
     int32_t num_tokens;
     int32_t pad_multiple;        // expert layout: segments start at multiples of it; 0: token layout
     int32_t restage;             // 1: only stage x as bf16 rows (a gradient moved along an earlier layout)
@@ -144,6 +145,7 @@ struct CombineArgs {         // combine_kernel (NVLink)
     const int32_t* recv_offsets; // [R + 1], from dispatch
     void* out;                   // bf16 [num_tokens, H]
     const int32_t* token_slot;   // [num_tokens, R], from dispatch
+    const int32_t* sent_counts;  // [R], from dispatch
     const int32_t* pair_rows;    // [num_rows, K]: expert layout (y rows of each token row's pairs), else null
     const float* pair_weights;   // [rows of y]: expert layout weights; null: 1
     const float* scalars;        // per-pair values to bring back: [rows of y] (expert) or [num_rows, K] (token)

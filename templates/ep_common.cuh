@@ -188,29 +188,48 @@ __device__ __forceinline__ void grid_done_post(int* counter, int num_blocks, con
 }
 
 // ---- rows grouped by peer, walked in interleaved chunks ------------------------
-// Rows [offsets[p], offsets[p+1]) belong to peer p. Chunk c covers up to kRows rows of
-// peer (c + rank) % R, the (c / R)-th chunk of that peer's rows, so consecutive chunks
-// (and so the warps of the grid at any moment) spread over every peer's link instead of
-// draining one peer after another.
+// Rows [offsets[p], offsets[p+1]) belong to peer p. Chunk c covers up to rows_of(p) rows
+// of peer p = (c + rank) % R, the (c / R)-th chunk of that peer's rows, so consecutive
+// chunks (and so the warps of the grid at any moment) spread over every peer's link
+// instead of draining one peer after another. Chunk sizes are runtime values: a few rows
+// would otherwise leave most warps idle (at 128 rows, 32-row chunks kept 4 warps of 384 busy).
 
-template <int NUM_RANKS, int kRows = kWarpSize>
+// Rows per chunk so that `rows` rows make about `workers` chunks, within [1, most].
+__device__ __forceinline__ int chunk_rows_for(int rows, int workers, int most) {
+    return max(1, min(most, (rows + workers - 1) / max(workers, 1)));
+}
+
+template <int NUM_RANKS>
 struct PeerChunks {
     const int* offsets;  // [NUM_RANKS + 1], in shared memory
     int total;           // rows past this are not touched
     int rank;
     int count;           // number of chunks
+    int workers, most, uniform;  // uniform > 0: every peer's chunk size; 0: sized per peer
 
-    __device__ __forceinline__ PeerChunks(const int* off, int total_rows, int my_rank)
-        : offsets(off), total(total_rows), rank(my_rank) {
-        int most = 0;
-        for (int p = 0; p < NUM_RANKS; ++p) most = max(most, off[p + 1] - off[p]);
-        count = NUM_RANKS * ((most + kRows - 1) / kRows);
+    // `workers` warps share the chunks, of at most `most` rows each. `per_peer`: size each
+    // peer's chunks by its own rows over workers / R, what both ends of a pair can compute
+    // (combine flags each chunk); else one size for all, by every row over the workers.
+    __device__ __forceinline__ PeerChunks(const int* off, int total_rows, int my_rank, int num_workers,
+                                          int most_rows, bool per_peer)
+        : offsets(off), total(total_rows), rank(my_rank), workers(num_workers), most(most_rows),
+          uniform(per_peer ? 0 : chunk_rows_for(min(off[NUM_RANKS], total_rows), num_workers, most_rows)) {
+        int chunks = 0;
+        for (int p = 0; p < NUM_RANKS; ++p) {
+            const int n = off[p + 1] - off[p];
+            chunks = max(chunks, (n + size(p) - 1) / size(p));
+        }
+        count = NUM_RANKS * chunks;
+    }
+    // Rows per chunk of peer p.
+    __device__ __forceinline__ int size(int p) const {
+        return uniform > 0 ? uniform : chunk_rows_for(offsets[p + 1] - offsets[p], workers / NUM_RANKS, most);
     }
     // The peer and the row range [begin, end) of chunk c (empty when begin >= end).
     __device__ __forceinline__ int peer(int c) const { return (c + rank) % NUM_RANKS; }
-    __device__ __forceinline__ int begin(int c) const { return offsets[peer(c)] + (c / NUM_RANKS) * kRows; }
+    __device__ __forceinline__ int begin(int c) const { return offsets[peer(c)] + (c / NUM_RANKS) * size(peer(c)); }
     __device__ __forceinline__ int end(int c) const {
-        return min(min(begin(c) + kRows, offsets[peer(c) + 1]), total);
+        return min(min(begin(c) + size(peer(c)), offsets[peer(c) + 1]), total);
     }
 };
 

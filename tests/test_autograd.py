@@ -19,7 +19,7 @@ class ReferenceEngine:
 
     def dispatch_raw(self, x, topk_idx, topk_weights, scales, stream, capacity, layout, pad_multiple):
         idx, T, K = topk_idx.numpy(), x.shape[0], topk_idx.shape[1]
-        h = Handle(0, "paddle", T, None, None, None, None, 0, None, None, layout=layout)
+        h = Handle(0, "paddle", T, None, None, 0, None, None, layout=layout)
         if layout == "token":
             h.rows_of = [t for t in range(T) if (idx[t] >= 0).any()]
             h.capacity = len(h.rows_of)

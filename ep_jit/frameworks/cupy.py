@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import cupy
@@ -37,11 +38,20 @@ class CupyAdapter:
         return stream.ptr if isinstance(stream, cupy.cuda.Stream) else None
 
     def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> cupy.ndarray:
-        import numpy
-        plain = dtype in ("float32", "int64", "int32", "bool", "uint8")
-        np_dtype = numpy.dtype(_NUMPY[dtype]) if plain else _ml_dtype(dtype)
         with cupy.cuda.Device(device):
-            return cupy.empty(tuple(shape), dtype=np_dtype)
+            return cupy.empty(tuple(shape), dtype=_numpy_dtype(dtype))
+
+    def view(self, storage: cupy.ndarray, offset: int, shape: Sequence[int], dtype: str) -> cupy.ndarray:
+        typed = storage.view(_numpy_dtype(dtype))
+        start = offset // typed.itemsize
+        return typed[start:start + math.prod(shape)].reshape(tuple(shape))
+
+
+def _numpy_dtype(dtype: str):
+    import numpy
+    if dtype in ("float32", "int64", "int32", "bool", "uint8"):
+        return numpy.dtype(_NUMPY[dtype])
+    return _ml_dtype(dtype)
 
 
 def _ml_dtype(dtype: str):

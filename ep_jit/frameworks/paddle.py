@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import paddle
@@ -72,6 +73,12 @@ class PaddleAdapter:
             raise ValueError(f"device: expected paddle's current device to be gpu:{device} (the tensors' device), "
                              f"got {current}; call paddle.device.set_device first")
         return paddle.empty(list(shape), dtype=_PADDLE[dtype])
+
+    def view(self, storage: paddle.Tensor, offset: int, shape: Sequence[int], dtype: str) -> paddle.Tensor:
+        # typed first, then sliced: a dtype view of a sliced tensor loses the slice's offset
+        typed = storage.view(_PADDLE[dtype])
+        start = offset // typed.element_size()
+        return typed[start:start + math.prod(shape)].view(list(shape))
 
     def check_collective_stream(self, stream: int | None) -> None:
         """Paddle runs a collective after its current stream's work and makes that stream

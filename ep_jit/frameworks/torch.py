@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -52,6 +53,11 @@ class TorchAdapter:
         # the caching allocator ties a block to the stream current at allocation
         with _current(stream, _DEVICES[device]):
             return torch.empty(shape, dtype=_TORCH[dtype], device=_DEVICES[device])
+
+    def view(self, storage: torch.Tensor, offset: int, shape: Sequence[int], dtype: str) -> torch.Tensor:
+        typed = storage.view(_TORCH[dtype])
+        start = offset // typed.element_size()
+        return typed[start:start + math.prod(shape)].view(shape)
 
     def check_collective_stream(self, stream: int | None) -> None:
         """torch's collectives run on any stream."""

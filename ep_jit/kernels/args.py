@@ -63,7 +63,8 @@ class SendArgs(Structure):
     __slots__ = ()
     _fields_ = [("peers", Peers), ("x", P), ("scales", P), ("topk_idx", P), ("topk_weights", P),
                 ("is_token_in_rank", P), ("token_slot", P), ("recv_offsets", P), ("local_expert_counts", P),
-                ("expert_offsets", P), ("expert_base", P), ("num_tokens", c_int32), ("pad_multiple", c_int32),
+                ("expert_offsets", P), ("expert_base", P), ("sent_counts", P), ("num_tokens", c_int32),
+                ("pad_multiple", c_int32),
                 ("restage", c_int32), ("ticket", c_uint32)]
 
 
@@ -76,7 +77,8 @@ class PullArgs(Structure):
 
 class CombineArgs(Structure):
     __slots__ = ()
-    _fields_ = [("peers", Peers), ("y", P), ("recv_offsets", P), ("out", P), ("token_slot", P), ("pair_rows", P),
+    _fields_ = [("peers", Peers), ("y", P), ("recv_offsets", P), ("out", P), ("token_slot", P), ("sent_counts", P),
+                ("pair_rows", P),
                 ("pair_weights", P), ("scalars", P), ("recv_idx", P), ("scalars_out", P), ("num_rows", c_int32),
                 ("num_tokens", c_int32)]
 

@@ -8,6 +8,7 @@ only it knows (its own limits) in `check_setup`, before any CUDA call.
 from __future__ import annotations
 
 import ctypes
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, NamedTuple, Protocol
@@ -104,6 +105,33 @@ class Operation(NamedTuple):
         return 0 if t is None else self.adapter.pointer(t)
 
 
+ITEM_SIZES = {"bool": 1, "uint8": 1, "fp8_e4m3": 1, "bf16": 2, "int32": 4, "float32": 4, "int64": 8}
+
+
+class Arrays:
+    """An operation's small device arrays in one allocation, by name: each part 16-byte
+    aligned, its address known at once, a tensor view of it made only when asked for.
+    Allocations cost microseconds each on the host while the GPU waits, and a view costs
+    as much as an allocation, so arrays only the kernels read never become tensors."""
+
+    def __init__(self, op: Operation, device: int, parts: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        self._adapter, self._parts, self._views = op.adapter, parts, {}
+        self._offsets, total = {}, 0
+        for name, (shape, dtype) in parts.items():
+            self._offsets[name] = total
+            total += -(-math.prod(shape) * ITEM_SIZES[dtype] // 16) * 16
+        self.storage = op.empty((max(total, 16),), "uint8", device)
+        base = op.ptr(self.storage)
+        self.ptr = {name: base + offset for name, offset in self._offsets.items()}
+
+    def __getitem__(self, name: str) -> Any:
+        view = self._views.get(name)
+        if view is None:
+            shape, dtype = self._parts[name]
+            view = self._views[name] = self._adapter.view(self.storage, self._offsets[name], shape, dtype)
+        return view
+
+
 @dataclass
 class Handle:
     """What combine (and the backward passes) need to know about one dispatch: what every
@@ -112,9 +140,7 @@ class Handle:
     buffer_id: int
     framework: str
     num_tokens: int
-    token_slot: Any            # [T, R] int32: slot of token t at rank r, or -1
-    is_token_in_rank: Any      # [T, R] bool
-    recv_offsets: Any          # [R + 1] int32: first received row of each source; [R] is the total
+    arrays: Arrays             # token_slot, is_token_in_rank, recv_offsets (below), and the transport's own
     num_recv: int | None       # received rows (None in non-blocking mode: read recv_offsets[R])
     capacity: int              # rows of the receive tensors
     recv_from: list[int] | None
@@ -126,6 +152,21 @@ class Handle:
     recv_weights: Any = None   # expert layout: [capacity] weight of each row's pair
     expert_offsets_list: list[int] | None = None  # expert layout, default mode: [E/R + 1] segment starts
     weights_node: Any = None   # the routed weights as autograd saw them, when dispatch was recorded
+
+    @property
+    def token_slot(self) -> Any:
+        """[T, R] int32: slot of token t at rank r, or -1."""
+        return self.arrays["token_slot"]
+
+    @property
+    def is_token_in_rank(self) -> Any:
+        """[T, R] bool."""
+        return self.arrays["is_token_in_rank"]
+
+    @property
+    def recv_offsets(self) -> Any:
+        """[R + 1] int32: first received row of each source; [R] is the total."""
+        return self.arrays["recv_offsets"]
 
     @property
     def rows(self) -> int:

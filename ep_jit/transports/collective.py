@@ -23,7 +23,7 @@ from ..frameworks import framework_of
 from ..kernels.args import CountArgs, LayoutArgs, PackArgs, Status, SumArgs, UnpackArgs, meta_row_bytes
 from ..kernels.constants import SCALE_BLOCK, STATUS_WORDS
 from ..runtime import check, mapped_host_memory, quiesce
-from .base import DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket, wait_for_ticket
+from .base import Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket, wait_for_ticket
 
 
 def _free_host(device: int, host: int) -> None:
@@ -33,9 +33,9 @@ def _free_host(device: int, host: int) -> None:
 
 @dataclass
 class Sent:
-    """The collective transport's part of a handle: where each destination's rows went."""
+    """The collective transport's part of a handle (send_offsets, where each destination's
+    rows went, is in the handle's arrays)."""
 
-    send_offsets: Any      # [R + 1] int32: first sent row of each destination
     sent_to: list[int]     # rows sent to each destination
 
 
@@ -88,21 +88,22 @@ class CollectiveTransport:
         a, s, dev, rank, k = op.adapter, op.stream, self.device, self.group.rank, self.kernels
 
         # counts row: tokens per destination [R], pairs per expert [E], status words
-        counts = op.empty((self.counts_len,), "int32", dev)
-        token_slot, in_rank = op.empty((T, R), "int32", dev), op.empty((T, R), "bool", dev)
-        status = op.ptr(counts) + 4 * (R + E)
+        arrays = Arrays(op, dev, {"counts": ((self.counts_len,), "int32"), "token_slot": ((T, R), "int32"),
+                                  "is_token_in_rank": ((T, R), "bool"), "send_offsets": ((R + 1,), "int32"),
+                                  "recv_offsets": ((R + 1,), "int32")})
+        ptr = arrays.ptr
+        status = ptr["counts"] + 4 * (R + E)
         check(driver.cuMemsetD32Async(status, 0, STATUS_WORDS, s), "cuMemsetD32Async(status)")
-        k.layout.launch(s, R, LayoutArgs(topk_idx=topk_idx.ptr, is_token_in_rank=op.ptr(in_rank),
-                                         token_slot=op.ptr(token_slot), tokens_per_rank=op.ptr(counts),
-                                         tokens_per_expert=op.ptr(counts) + 4 * R, status=Status(status, status),
+        k.layout.launch(s, R, LayoutArgs(topk_idx=topk_idx.ptr, is_token_in_rank=ptr["is_token_in_rank"],
+                                         token_slot=ptr["token_slot"], tokens_per_rank=ptr["counts"],
+                                         tokens_per_expert=ptr["counts"] + 4 * R, status=Status(status, status),
                                          num_tokens=T))
         gathered = op.empty((R * self.counts_len,), "int32", dev)
-        a.all_gather(self.framework_group, gathered, counts, op.foreign_stream)
-        send_offsets, recv_offsets = op.empty((R + 1,), "int32", dev), op.empty((R + 1,), "int32", dev)
+        a.all_gather(self.framework_group, gathered, arrays["counts"], op.foreign_stream)
         expert_counts = op.empty((E // R,), "int32", dev)
         self._tickets = next_ticket(self._tickets)
-        k.count.launch(s, 1, CountArgs(gathered=op.ptr(gathered), send_offsets=op.ptr(send_offsets),
-                                       recv_offsets=op.ptr(recv_offsets), local_expert_counts=op.ptr(expert_counts),
+        k.count.launch(s, 1, CountArgs(gathered=op.ptr(gathered), send_offsets=ptr["send_offsets"],
+                                       recv_offsets=ptr["recv_offsets"], local_expert_counts=op.ptr(expert_counts),
                                        host=self._host_dev, rank=rank, ticket=self._tickets))
         rows = self._read_counts(self._tickets)
 
@@ -114,8 +115,8 @@ class CollectiveTransport:
 
         send_x, send_meta = op.empty((S, H), self.dtype, dev), op.empty((S, self.meta_bytes), "uint8", dev)
         k.pack.launch(s, self.num_sms, PackArgs(x=x.ptr, scales=scales.ptr if scales is not None else 0, topk_idx=topk_idx.ptr,
-                                                topk_weights=topk_weights.ptr, token_slot=op.ptr(token_slot),
-                                                send_offsets=op.ptr(send_offsets), send_x=op.ptr(send_x),
+                                                topk_weights=topk_weights.ptr, token_slot=ptr["token_slot"],
+                                                send_offsets=ptr["send_offsets"], send_x=op.ptr(send_x),
                                                 send_meta=op.ptr(send_meta), num_tokens=T))
         recv_x, recv_meta = op.empty((N, H), self.dtype, dev), op.empty((N, self.meta_bytes), "uint8", dev)
         a.all_to_all(self.framework_group, recv_x, send_x, recv_from, sent_to, op.foreign_stream)
@@ -126,10 +127,9 @@ class CollectiveTransport:
                                                     recv_idx=op.ptr(recv_idx), recv_weights=op.ptr(recv_w),
                                                     num_rows=N))
         per_expert = [sum(row[R + rank * (E // R) + e] for row in rows) for e in range(E // R)]
-        handle = Handle(0, a.name, T, token_slot, in_rank, recv_offsets, N, N, recv_from, per_expert,
-                        transport=Sent(send_offsets, sent_to))
-        keep = [counts, gathered, send_x, send_meta, recv_meta, token_slot, in_rank, send_offsets, recv_offsets,
-                expert_counts, recv_x, recv_idx, recv_w, recv_scales]
+        handle = Handle(0, a.name, T, arrays, N, N, recv_from, per_expert, transport=Sent(sent_to))
+        keep = [arrays.storage, gathered, send_x, send_meta, recv_meta, expert_counts, recv_x, recv_idx, recv_w,
+                recv_scales]
         return DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle), keep
 
     def _read_counts(self, ticket: int) -> list[list[int]]:
@@ -153,7 +153,8 @@ class CollectiveTransport:
         op.adapter.all_to_all(self.framework_group, back, y.tensor, sent.sent_to, handle.recv_from, op.foreign_stream)
         out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
         self.kernels.sum.launch(op.stream, self.num_sms, SumArgs(
-            returned=op.ptr(back), token_slot=op.ptr(handle.token_slot), send_offsets=op.ptr(sent.send_offsets),
+            returned=op.ptr(back), token_slot=handle.arrays.ptr["token_slot"],
+            send_offsets=handle.arrays.ptr["send_offsets"],
             out=op.ptr(out), num_tokens=handle.num_tokens))
         return out, None, [back, out]
 

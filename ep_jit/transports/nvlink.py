@@ -19,21 +19,18 @@ from ..kernels.args import CombineArgs, Mailbox, Peers, PullArgs, SendArgs, Work
 from ..kernels.constants import NUM_FLAG_KINDS, PHASES, SCALE_BLOCK
 from ..runtime import LoadedKernel, check, device_attribute, mapped_host_memory, quiesce, setup_stream, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from .base import (DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
+from .base import (Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
                    wait_for_ticket)
 
 
 @dataclass
 class PairLayout:
     """The NVLink transport's part of a handle: where each received token row came from and,
-    in the expert layout, where each of its pairs went."""
+    in the expert layout, where each of its pairs went (in the handle's arrays)."""
 
-    recv_token: Any        # [token_rows] int32: source token of each received token row
-    pair_rows: Any         # [token_rows, K] int32: expert-layout row of each pair, -1; None in the token layout
-    expert_base: Any       # [R, E/R] int32: first row of each source's pairs in each segment (expert layout)
     expert_offsets: Any    # [E/R + 1] int32: segment starts (expert layout)
     expert_counts: Any     # [E/R] int32: pairs per local expert
-    token_rows: int
+    token_rows: int        # received token rows (default mode), else the most that can arrive
 
 
 def segment_offsets(per_expert: list[int], pad_multiple: int) -> list[int]:
@@ -175,16 +172,20 @@ class NVLinkTransport:
         else:
             self._unraised_nonblocking = True  # a bad id it finds is raised later, maybe by a default dispatch
         a.ticket = self._tickets if capacity is None else 0
-        token_slot = op.empty((T, R), "int32", dev)
-        in_rank = op.empty((T, R), "bool", dev)
-        recv_offsets = op.empty((R + 1,), "int32", dev)
+        # the kernels' own arrays; token rows: the most that can arrive (exact in default mode)
+        most = R * self._max_tokens
+        parts = {"token_slot": ((T, R), "int32"), "is_token_in_rank": ((T, R), "bool"),
+                 "recv_offsets": ((R + 1,), "int32"), "sent_counts": ((R,), "int32"), "recv_token": ((most,), "int32")}
+        if expert:
+            parts.update(pair_rows=((most, K), "int32"), expert_base=((R, local), "int32"))
+        arrays = Arrays(op, dev, parts)
+        ptr = arrays.ptr
         expert_counts = op.empty((local,), "int32", dev)
         expert_offsets = op.empty((local + 1,), "int32", dev) if expert else None
-        expert_base = op.empty((R, local), "int32", dev) if expert else None
         a.x, a.scales, a.topk_idx, a.topk_weights = x.ptr, scales.ptr if fp8 else 0, topk_idx.ptr, topk_weights.ptr
-        a.is_token_in_rank, a.token_slot, a.num_tokens = op.ptr(in_rank), op.ptr(token_slot), T
-        a.recv_offsets, a.local_expert_counts = op.ptr(recv_offsets), op.ptr(expert_counts)
-        a.expert_offsets, a.expert_base = op.ptr(expert_offsets), op.ptr(expert_base)
+        a.is_token_in_rank, a.token_slot, a.num_tokens = ptr["is_token_in_rank"], ptr["token_slot"], T
+        a.recv_offsets, a.sent_counts, a.local_expert_counts = ptr["recv_offsets"], ptr["sent_counts"], op.ptr(expert_counts)
+        a.expert_offsets, a.expert_base = op.ptr(expert_offsets), ptr.get("expert_base", 0)
         a.pad_multiple, a.restage = pad_multiple or 0, 0
         # R layout blocks (the last also exchanges the counts) beside the staging blocks, within num_sms
         self.kernels.send.launch(op.stream, self.num_sms, a)
@@ -193,6 +194,7 @@ class NVLinkTransport:
         pull = self._pull
         pull.recv_offsets, pull.restage = a.recv_offsets, 0
         pull.expert_base, pull.expert_offsets, pull.expert_counts = a.expert_base, a.expert_offsets, a.local_expert_counts
+        pull.recv_token, pull.pair_rows = ptr["recv_token"], ptr.get("pair_rows", 0)
         if capacity is None:
             self._wait_for_counts(a.ticket)
             if self.mailbox.bad_source:  # every rank learns it here, so every rank raises
@@ -206,27 +208,22 @@ class NVLinkTransport:
             per_expert = list(self.mailbox.tokens_per_expert[:local])
             offsets_list = segment_offsets(per_expert, pad_multiple) if expert else None
             capacity = offsets_list[-1] if expert else num_recv
-        # token rows: exact in default mode, else the most that can arrive
-        token_rows = num_recv if num_recv is not None else R * self._max_tokens
+        token_rows = num_recv if num_recv is not None else most
         recv_x = op.empty((capacity, H), self.dtype, dev)
-        recv_token = op.empty((token_rows,), "int32", dev)
-        pair_rows = op.empty((token_rows, K), "int32", dev) if expert else None
         recv_idx = None if expert else op.empty((capacity, K), "int64", dev)
         recv_w = op.empty((capacity,) if expert else (capacity, K), "float32", dev)
         recv_scales = op.empty((capacity, H // SCALE_BLOCK), "float32", dev) if fp8 else None
         pull.recv_x, pull.recv_scales, pull.recv_idx = op.ptr(recv_x), op.ptr(recv_scales), op.ptr(recv_idx)
         pull.recv_weights, pull.capacity, pull.token_rows = op.ptr(recv_w), capacity, token_rows
-        pull.recv_token, pull.pair_rows = op.ptr(recv_token), op.ptr(pair_rows)
         self.kernels.pull.launch(op.stream, self.num_sms, pull)
         if num_recv is not None:  # the rest of the counts, read once the pull is on its way
             recv_from = list(self.mailbox.recv_from[:R])
-        pairs = PairLayout(recv_token, pair_rows, expert_base, expert_offsets, expert_counts, token_rows)
-        handle = Handle(0, op.adapter.name, T, token_slot, in_rank, recv_offsets, num_recv, capacity, recv_from,
-                        per_expert, transport=pairs, layout="expert" if expert else "token",
-                        pad_multiple=pad_multiple or 1, recv_topk_idx=recv_idx, recv_weights=recv_w if expert else None,
+        handle = Handle(0, op.adapter.name, T, arrays, num_recv, capacity, recv_from, per_expert,
+                        transport=PairLayout(expert_offsets, expert_counts, token_rows),
+                        layout="expert" if expert else "token", pad_multiple=pad_multiple or 1,
+                        recv_topk_idx=recv_idx, recv_weights=recv_w if expert else None,
                         expert_offsets_list=offsets_list)
-        keep = [token_slot, in_rank, recv_offsets, expert_counts, expert_offsets, expert_base, recv_x, recv_token,
-                pair_rows, recv_idx, recv_w, recv_scales]
+        keep = [arrays.storage, expert_counts, expert_offsets, recv_x, recv_idx, recv_w, recv_scales]
         if expert:
             result = DispatchResult(recv_x, None, None, recv_scales, expert_counts, handle, recv_w, expert_offsets)
         else:
@@ -239,15 +236,16 @@ class NVLinkTransport:
         layout are zero."""
         self._begin(op)
         pairs: PairLayout = handle.transport
+        ptr = handle.arrays.ptr
         a = self._send
         a.ticket, a.restage, a.pad_multiple = 0, 1, 0
         a.x, a.scales, a.topk_idx, a.topk_weights, a.num_tokens = g.ptr, 0, 0, 0, handle.num_tokens
         self.kernels.send.launch(op.stream, self.num_sms, a)
         out = op.empty((handle.capacity, self.hidden), "bf16", self.device)
         pull = self._pull
-        pull.recv_offsets, pull.restage, pull.recv_x, pull.capacity = op.ptr(handle.recv_offsets), 1, op.ptr(out), handle.capacity
-        pull.recv_token, pull.pair_rows, pull.token_rows = op.ptr(pairs.recv_token), op.ptr(pairs.pair_rows), pairs.token_rows
-        pull.expert_base, pull.expert_offsets = op.ptr(pairs.expert_base), op.ptr(pairs.expert_offsets)
+        pull.recv_offsets, pull.restage, pull.recv_x, pull.capacity = ptr["recv_offsets"], 1, op.ptr(out), handle.capacity
+        pull.recv_token, pull.pair_rows, pull.token_rows = ptr["recv_token"], ptr.get("pair_rows", 0), pairs.token_rows
+        pull.expert_base, pull.expert_offsets = ptr.get("expert_base", 0), op.ptr(pairs.expert_offsets)
         pull.expert_counts, pull.recv_scales, pull.recv_idx, pull.recv_weights = op.ptr(pairs.expert_counts), 0, 0, 0
         self.kernels.pull.launch(op.stream, self.num_sms, pull)
         return out, [out]
@@ -281,11 +279,12 @@ class NVLinkTransport:
         expert = handle.layout == "expert"
         out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
         scalars_out = op.empty((handle.num_tokens, self.topk), "float32", self.device) if scalars is not None else None
+        ptr = handle.arrays.ptr
         a = self._combine
-        a.y, a.recv_offsets, a.out = y.ptr, op.ptr(handle.recv_offsets), op.ptr(out)
+        a.y, a.recv_offsets, a.out = y.ptr, ptr["recv_offsets"], op.ptr(out)
         a.num_rows = pairs.token_rows if expert else rows
-        a.token_slot, a.num_tokens = op.ptr(handle.token_slot), handle.num_tokens
-        a.pair_rows = op.ptr(pairs.pair_rows)
+        a.token_slot, a.sent_counts, a.num_tokens = ptr["token_slot"], ptr["sent_counts"], handle.num_tokens
+        a.pair_rows = ptr.get("pair_rows", 0)
         a.pair_weights = op.ptr(handle.recv_weights) if expert and weights else 0
         a.scalars = scalars.ptr if scalars is not None else 0
         a.recv_idx = op.ptr(handle.recv_topk_idx) if scalars is not None and not expert else 0
