@@ -21,6 +21,7 @@ from .errors import ConfigError
 
 DEFAULT_ARCH = "sm_90a"
 DEFAULT_LOCK_TIMEOUT = 600.0
+DEFAULT_FUSED_DISPATCH_TOKENS = 256
 NAME_MAX, PATH_MAX = 255, 4096  # Linux limits on one path component and a whole path
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -89,6 +90,12 @@ def _flag(raw: str) -> bool:
     return raw == "1"
 
 
+def _count(raw: str) -> int:
+    if not raw.isdigit():
+        raise ValueError("")
+    return int(raw)
+
+
 def _log_level(raw: str) -> str:
     if raw.lower() not in LOG_LEVELS:
         raise ValueError("")
@@ -140,6 +147,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "read-only caches searched after the local one, never written", _folders),
     Setting("EP_JIT_REQUIRE_WARM", "0 or 1", "0",
             "1: a kernel in no cache tier raises NotWarmError instead of compiling", _flag),
+    Setting("EP_JIT_FUSED_DISPATCH_TOKENS", "a non-negative integer", str(DEFAULT_FUSED_DISPATCH_TOKENS),
+            "non-blocking NVLink dispatches of at most this many tokens run as one kernel (0: never)", _count),
 )}
 
 
@@ -213,6 +222,11 @@ def allow_shared_cache() -> bool:
 
 def always_compile() -> bool:
     return bool(get("EP_JIT_ALWAYS_COMPILE"))
+
+
+def fused_dispatch_tokens() -> int:
+    value = get("EP_JIT_FUSED_DISPATCH_TOKENS")
+    return DEFAULT_FUSED_DISPATCH_TOKENS if value is None else value
 
 
 def extra_nvrtc_options() -> tuple[str, ...]:

@@ -1,6 +1,7 @@
-// Dispatch over NVLink: one kernel sends, one receives.
+// Dispatch over NVLink: dispatch_kernel runs the send phase, then the pull phase (two
+// launches, or one for a non-blocking dispatch of few tokens).
 //
-// send_kernel   on the source. Blocks [0, R) each compute the routing layout of one
+// send phase    on the source. Blocks [0, R) each compute the routing layout of one
 //               destination (layout.cuh), including the list of tokens it will pull;
 //               the last of them exchanges the counts with every peer and publishes the
 //               receive layout (offsets on the device, totals in mapped host memory,
@@ -9,7 +10,7 @@
 //               own symmetric buffer and then raise kStageReady at every peer. So the
 //               host learns the counts while the tokens are still being staged. Every
 //               block first waits until every peer has pulled the previous stage.
-// pull_kernel   on the destination, once every source's stage is ready: row j of the
+// pull phase    on the destination, once every source's stage is ready: row j of the
 //               output is row j - offset[s] of source s's list, so rows come out ordered
 //               by (source rank, source token index). Reads are 16-byte loads from the
 //               peer's buffer, one warp per row; chunks of up to 32 rows alternate
@@ -61,7 +62,7 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
                                                 uint64_t want, uint32_t ticket, uint64_t timeout_ns, const Status& st,
                                                 int* recv_offsets, int* local_expert_counts, Mailbox* mailbox,
                                                 int pad_multiple, int* expert_offsets, int* expert_base,
-                                                int* sent_counts) {
+                                                int* sent_counts, uint64_t* counts_ready) {
     static_assert(NUM_RANKS <= kMaxRanks && NUM_EXPERTS / NUM_RANKS <= kMaxLocalExperts, "mailbox too small");
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
     constexpr int kRow = 2 + kLocal;  // tokens, per local expert, bad top-k report
@@ -116,6 +117,7 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
     if (threadIdx.x == 0) {
         __threadfence_system();
         *reinterpret_cast<volatile uint32_t*>(&mailbox->done_ticket) = ticket;
+        st_release_sys(counts_ready, want);  // for the pull blocks of the fused dispatch
     }
 }
 
@@ -149,8 +151,10 @@ __device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const floa
     }
 }
 
+// The source's part of a dispatch, every block of the grid: blocks [0, R) lay out, the
+// rest stage. Returns false if a wait failed.
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constant__ SendArgs a) {
+__device__ __forceinline__ bool send_phase(const SendArgs& a) {
     __shared__ bool last;
     const SymLayout& L = a.peers.layout;
     const uint64_t* peers = a.peers.bases;
@@ -161,14 +165,14 @@ __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constan
     const Status st = status_of(a.peers);
     if (blockIdx.x == 0 && threadIdx.x == 0 && a.ticket != 0)
         *reinterpret_cast<volatile uint32_t*>(&mailbox->started_ticket) = a.ticket;
-    if (failed(st)) return;
+    if (failed(st)) return false;
     const uint64_t my_base = peers[rank], id = flag_identity(TAG, L.nonce);
     const uint32_t prev_seq = ws->seqs.dispatch;
     const uint64_t want = make_flag(id, prev_seq + 1);
     if (!block_wait_all<NUM_RANKS>(my_base, L, kStageConsumed, make_flag(id, prev_seq), timeout_ns, st, kPhaseStage))
-        return;
+        return false;
     if (blockIdx.x < NUM_RANKS) {
-        if (a.restage) return;  // the layout and the counts of an earlier dispatch hold
+        if (a.restage) return true;  // the layout and the counts of an earlier dispatch hold
         const int dst = blockIdx.x;
         layout_rank<NUM_EXPERTS, NUM_RANKS, TOPK, kCopyThreads, true>(
             dst, a.topk_idx, num_tokens, a.is_token_in_rank, a.token_slot, ws->tokens_per_rank, ws->tokens_per_expert,
@@ -188,12 +192,13 @@ __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constan
             exchange_counts<NUM_EXPERTS, NUM_RANKS>(ws->tokens_per_rank, ws->tokens_per_expert, peers, L, rank, want,
                                                     a.ticket, timeout_ns, st, a.recv_offsets, a.local_expert_counts,
                                                     mailbox, a.pad_multiple, a.expert_offsets, a.expert_base,
-                                                    a.sent_counts);
-        return;
+                                                    a.sent_counts, &ws->counts_ready);
+        return true;
     }
     stage_tokens<HIDDEN, TOPK, T>(static_cast<const T*>(a.x), a.scales, a.topk_idx, a.topk_weights, num_tokens,
                                   my_base, L, NUM_RANKS, a.restage != 0);
     grid_done_post<NUM_RANKS>(&ws->stage_done, gridDim.x - NUM_RANKS, peers, L, kStageReady, rank, want, st);
+    return true;
 }
 
 // Expert layout: zero every row of recv_x outside a segment's real rows (padding, and the
@@ -216,8 +221,11 @@ __device__ __forceinline__ void zero_outside_segments(int4* recv_x, int row_vecs
     }
 }
 
+// The destination's part, every block of the grid. `after_send`: the same grid ran
+// send_phase just before (one launch for both), so first wait until its count exchange
+// has published the receive layout; a launch of the pull alone starts after it anyway.
 template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
-__global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constant__ PullArgs a) {
+__device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
     constexpr bool kFp8 = sizeof(T) == 1;
     constexpr int kScales = HIDDEN / kScaleBlock;
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
@@ -241,6 +249,11 @@ __global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constan
     const uint64_t want = make_flag(flag_identity(TAG, L.nonce), seq);
     if (!block_wait_all<NUM_RANKS>(peers[rank], L, kStageReady, want, a.peers.timeout_ns, st, kPhasePull))
         return;
+    if (after_send) {
+        const bool ok = threadIdx.x != 0 ||
+                         wait_flag(&ws->counts_ready, want, a.peers.timeout_ns, st, kPhaseNotify, rank, true);
+        if (__syncthreads_or(!ok)) return;
+    }
     if (threadIdx.x <= NUM_RANKS) offsets[threadIdx.x] = capacity < 0 ? 0 : a.recv_offsets[threadIdx.x];
     __syncthreads();
     // token layout: row j lands at j; expert layout: each pair of row j at its segment's row
@@ -336,6 +349,18 @@ __global__ void __launch_bounds__(kCopyThreads) pull_kernel(const __grid_constan
     }
     grid_done_post<NUM_RANKS>(&ws->pull_done, gridDim.x, peers, L, kStageConsumed, rank, want, st, &ws->seqs.dispatch,
                               seq);
+}
+
+// One kernel, launched for the phases a.phases names: kSendPhase (on the source), then
+// kPullPhase (on the destination) once the host has the counts and the outputs; or both
+// in one launch, for non-blocking dispatches of few tokens, where a launch costs about as
+// much as the work. Then pull blocks wait for flags that send blocks of the same grid
+// post, so all blocks must be resident at once (checked at first use).
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, unsigned long long TAG>
+__global__ void __launch_bounds__(kCopyThreads) dispatch_kernel(const __grid_constant__ DispatchArgs a) {
+    const bool send = (a.phases & kSendPhase) != 0;
+    if (send && !send_phase<HIDDEN, NUM_EXPERTS, NUM_RANKS, TOPK, T, TAG>(a.send)) return;
+    if (a.phases & kPullPhase) pull_phase<HIDDEN, NUM_EXPERTS, NUM_RANKS, TOPK, T, TAG>(a.pull, send);
 }
 
 }  // namespace ep_jit

@@ -57,6 +57,7 @@ struct Sequences {
 
 // The NVLink transport's device workspace, one per Buffer, zeroed at set-up.
 struct Workspace {
+    uint64_t counts_ready;   // send: the last dispatch whose receive layout is published (a flag word)
     int32_t layout_done;     // send: layout blocks finished (the last exchanges the counts)
     int32_t stage_done;      // send: staging blocks finished (the last posts kStageReady)
     int32_t pull_done;       // pull: blocks finished (the last posts kStageConsumed)
@@ -103,7 +104,7 @@ struct LayoutArgs {          // layout_kernel (collective transport)
     int32_t num_tokens;
 };
 
-struct SendArgs {            // send_kernel (NVLink dispatch, on the source)
+struct SendArgs {            // dispatch_kernel's send phase (on the source)
     Peers peers;
     const void* x;               // T [T, H]
     const float* scales;         // [T, H/128], fp8 only
@@ -122,7 +123,7 @@ struct SendArgs {            // send_kernel (NVLink dispatch, on the source)
     uint32_t ticket;             // default mode: echoed in the mailbox once the counts are in; 0: none
 };
 
-struct PullArgs {            // pull_kernel (NVLink dispatch, on the destination)
+struct PullArgs {            // dispatch_kernel's pull phase (on the destination)
     Peers peers;
     void* recv_x;                // T [capacity, H]
     float* recv_scales;          // [capacity, H/128], fp8 only
@@ -137,6 +138,12 @@ struct PullArgs {            // pull_kernel (NVLink dispatch, on the destination
     int32_t capacity;            // rows of recv_x; < 0 abandons the dispatch
     int32_t token_rows;          // rows of recv_token and pair_rows
     int32_t restage;             // 1: move the bf16 rows the sources restaged, along the saved layout
+};
+
+struct DispatchArgs {        // dispatch_kernel (NVLink)
+    SendArgs send;
+    PullArgs pull;
+    int32_t phases;              // kSendPhase, kPullPhase or both
 };
 
 struct CombineArgs {         // combine_kernel (NVLink)

@@ -23,6 +23,12 @@ enum FlagKind : int {
     kNumFlagKinds = 4,
 };
 
+// What one launch of dispatch_kernel runs (a bit set).
+enum DispatchPhase : int {
+    kSendPhase = 1,
+    kPullPhase = 2,
+};
+
 // Where a wait timed out (status word 0 holds phase << 16 | peer + 1).
 enum Phase : int {
     kPhaseStage = 1,

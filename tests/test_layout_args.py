@@ -83,8 +83,8 @@ def test_kernels_are_fetched_at_first_use_and_warm_fetches_the_rest(monkeypatch)
     setup = base.Setup(bound, 2048, 8, 2, "bf16", 128, 8, 1.0, "sm_90a")
     kernels = base.Kernels(setup, NVLinkTransport.templates)
     assert fetched == [] and kernels.fetched == ()
-    assert kernels.send == "send" and kernels.pull == "pull"  # binary.symbol(name), here the name
-    assert fetched == [["dispatch"]]  # once per template
+    assert kernels.dispatch == "dispatch"  # binary.symbol(name), here the name
+    assert kernels.dispatch == "dispatch" and fetched == [["dispatch"]]  # once per template
     kernels.warm()
     kernels.warm()
     assert fetched == [["dispatch"], ["combine"]] and kernels.fetched == ("dispatch", "combine")

@@ -19,6 +19,9 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float32: "float32", torch.int64: "int64
            **({torch.float8_e4m3fn: "fp8_e4m3"} if hasattr(torch, "float8_e4m3fn") else {})}
 _TORCH = {v: k for k, v in _DTYPES.items()}
 _DEVICES = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+# the current stream's handle without a Stream object (about 10x cheaper, on every operation)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda device: torch.cuda.current_stream(device).cuda_stream)
 # all_gather_single (newer torch) replaces all_gather_into_tensor (deprecated there); same arguments
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -42,7 +45,7 @@ class TorchAdapter:
         return t.is_contiguous()
 
     def current_stream(self, device: int) -> int:
-        return torch.cuda.current_stream(device).cuda_stream
+        return _raw_stream(device)
 
     def stream_handle(self, stream: Any) -> int | None:
         return stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else None

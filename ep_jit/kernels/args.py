@@ -34,7 +34,7 @@ class Sequences(Structure):
 
 class Workspace(Structure):
     __slots__ = ()
-    _fields_ = [("layout_done", c_int32), ("stage_done", c_int32), ("pull_done", c_int32),
+    _fields_ = [("counts_ready", c_uint64), ("layout_done", c_int32), ("stage_done", c_int32), ("pull_done", c_int32),
                 ("combine_done", c_int32), ("combine_queue", c_int32), ("status", c_int32 * STATUS_WORDS),
                 ("seqs", Sequences), ("tokens_per_rank", c_int32 * MAX_RANKS),
                 ("tokens_per_expert", c_int32 * (MAX_RANKS * MAX_LOCAL_EXPERTS))]
@@ -75,6 +75,11 @@ class PullArgs(Structure):
                 ("expert_counts", P), ("capacity", c_int32), ("token_rows", c_int32), ("restage", c_int32)]
 
 
+class DispatchArgs(Structure):
+    __slots__ = ()
+    _fields_ = [("send", SendArgs), ("pull", PullArgs), ("phases", c_int32)]
+
+
 class CombineArgs(Structure):
     __slots__ = ()
     _fields_ = [("peers", Peers), ("y", P), ("recv_offsets", P), ("out", P), ("token_slot", P), ("sent_counts", P),
@@ -107,8 +112,8 @@ class SumArgs(Structure):
 
 # every struct shared with the kernels, by its C++ name in namespace ep_jit
 MIRRORS: dict[str, type[Structure]] = {cls.__name__: cls for cls in (
-    Status, SymLayout, Sequences, Workspace, Mailbox, Peers, LayoutArgs, SendArgs, PullArgs, CombineArgs, CountArgs,
-    PackArgs, UnpackArgs, SumArgs)}
+    Status, SymLayout, Sequences, Workspace, Mailbox, Peers, LayoutArgs, SendArgs, PullArgs, DispatchArgs,
+    CombineArgs, CountArgs, PackArgs, UnpackArgs, SumArgs)}
 
 
 def meta_row_bytes(hidden: int, topk: int, dtype: str) -> int:

@@ -3,7 +3,7 @@
 A kernel lives in one template (templates/<template>.cu, one NVRTC compile unit, one
 cache entry), is instantiated with the spec's TEMPLATE_PARAMS, runs with a fixed block
 size (its __launch_bounds__), and takes one argument struct by value. Transports refer
-to kernels by name (`kernels.send.launch(stream, grid, args)`), never by position.
+to kernels by name (`kernels.combine.launch(stream, grid, args)`), never by position.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ class Kernel:
 
 CATALOGUE: tuple[Kernel, ...] = (
     Kernel("layout", "layout", "layout_kernel", LAYOUT_THREADS, a.LayoutArgs),
-    Kernel("send", "dispatch", "send_kernel", COPY_THREADS, a.SendArgs),
-    Kernel("pull", "dispatch", "pull_kernel", COPY_THREADS, a.PullArgs),
+    Kernel("dispatch", "dispatch", "dispatch_kernel", COPY_THREADS, a.DispatchArgs),
     Kernel("combine", "combine", "combine_kernel", COPY_THREADS, a.CombineArgs),
     Kernel("count", "collective", "count_kernel", COPY_THREADS, a.CountArgs),
     Kernel("pack", "collective", "pack_kernel", COPY_THREADS, a.PackArgs),

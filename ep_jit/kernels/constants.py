@@ -37,6 +37,7 @@ MAX_LOCAL_EXPERTS = VALUES["kMaxLocalExperts"]
 STATUS_WORDS = VALUES["kStatusWords"]
 NUM_FLAG_KINDS = VALUES["kNumFlagKinds"]
 STAGE_CONSUMED, COMBINE_CONSUMED = VALUES["kStageConsumed"], VALUES["kCombineConsumed"]
+SEND_PHASE, PULL_PHASE = VALUES["kSendPhase"], VALUES["kPullPhase"]
 PHASES = {VALUES["kPhaseStage"]: "dispatch staging (waiting for peers to finish reading the previous stage)",
           VALUES["kPhaseNotify"]: "count exchange",
           VALUES["kPhaseCombinePush"]: "combine push (waiting for peers to finish the previous combine)",

@@ -42,7 +42,7 @@ class Setup:
 
 
 class Kernels:
-    """A transport's kernels by catalogue name (kernels.send, kernels.pull, ...). Each
+    """A transport's kernels by catalogue name (kernels.dispatch, kernels.combine, ...). Each
     template is fetched the first time one of its kernels is asked for, from the JIT's
     tiers through ep_jit.warm (each key compiled at most once in the group), and loaded
     on the Buffer's device. A fetch is collective: every member asks for the same kernels

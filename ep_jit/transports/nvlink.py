@@ -15,8 +15,9 @@ from typing import Any
 from cuda.bindings import driver
 
 from ..errors import EPJitError, PeerTimeout
-from ..kernels.args import CombineArgs, Mailbox, Peers, PullArgs, SendArgs, Workspace
-from ..kernels.constants import NUM_FLAG_KINDS, PHASES, SCALE_BLOCK
+from ..config import fused_dispatch_tokens
+from ..kernels.args import CombineArgs, DispatchArgs, Mailbox, Peers, PullArgs, SendArgs, Workspace
+from ..kernels.constants import NUM_FLAG_KINDS, PHASES, PULL_PHASE, SCALE_BLOCK, SEND_PHASE
 from ..runtime import LoadedKernel, check, device_attribute, mapped_host_memory, quiesce, setup_stream, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
 from .base import (Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
@@ -64,7 +65,8 @@ class NVLinkTransport:
         self.hidden, self.num_experts, self.topk, self.dtype = setup.hidden, setup.num_experts, setup.topk, setup.dtype
         self.num_sms, self.timeout_s = setup.num_sms, setup.timeout_s
         self.kernels = Kernels(setup, self.templates)  # fetched at first use
-        self._resident = False  # combine's residency, checked once its kernel is fetched
+        self._resident: set[str] = set()  # kernels whose blocks were checked to fit at once
+        self._fused_tokens = fused_dispatch_tokens() or -1  # 0: never, not even for T = 0
         self._max_tokens = setup.max_tokens
         self.layout, size = plan_layout(num_ranks=self.group.size, num_experts=self.num_experts, hidden=self.hidden,
                                         topk=self.topk, max_tokens=setup.max_tokens,
@@ -80,23 +82,29 @@ class NVLinkTransport:
         # what every kernel shares, set once; each operation fills in only its tensors
         peers = Peers(bases=self.sym.peer_table, layout=self.layout, ws=int(self._workspace), mailbox=mailbox_dev,
                       timeout_ns=int(setup.timeout_s * 1e9), rank=self.group.rank)
-        self._send, self._pull, self._combine = SendArgs(peers=peers), PullArgs(peers=peers), CombineArgs(peers=peers)
+        # the fused dispatch's struct holds the send and pull structs: filling them fills it
+        self._dispatch = DispatchArgs(send=SendArgs(peers=peers), pull=PullArgs(peers=peers))
+        self._send, self._pull, self._combine = self._dispatch.send, self._dispatch.pull, CombineArgs(peers=peers)
         self._tickets = 0  # host-side id of each default-mode dispatch, echoed by the count exchange
         self._stale_status: set[int] = set()  # device status words to clear on the next operation's stream
         self._unraised_nonblocking = False
         self.closed = False
 
-    @staticmethod
-    def _check_resident(combine: LoadedKernel, device: int, num_sms: int) -> None:
-        """Combine's reducing warps wait for chunks that other blocks push, so all of its
-        num_sms blocks must be resident at once: within what the device guarantees."""
-        per_sm = check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(combine.function,
-                                                                          combine.declaration.block, 0),
-                       "cuOccupancyMaxActiveBlocksPerMultiprocessor")
-        sms = device_attribute(device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        if num_sms > per_sm * sms:
-            raise ValueError(f"num_sms: expected at most {per_sm * sms} (combine's blocks must all be resident at "
-                             f"once), got {num_sms}")
+    def _resident_kernel(self, name: str) -> LoadedKernel:
+        """Kernel `name`, whose blocks wait for flags that other blocks of the same grid post
+        (combine; the fused dispatch), so all num_sms of them must be resident at once:
+        checked against what the device guarantees at its first use."""
+        kernel = getattr(self.kernels, name)
+        if name not in self._resident:
+            per_sm = check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(kernel.function,
+                                                                              kernel.declaration.block, 0),
+                           "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+            sms = device_attribute(self.device, driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            if self.num_sms > per_sm * sms:
+                raise ValueError(f"num_sms: expected at most {per_sm * sms} ({name}'s blocks must all be resident at "
+                                 f"once), got {self.num_sms}")
+            self._resident.add(name)
+        return kernel
 
     # ---- errors -----------------------------------------------------------------
 
@@ -187,8 +195,10 @@ class NVLinkTransport:
         a.recv_offsets, a.sent_counts, a.local_expert_counts = ptr["recv_offsets"], ptr["sent_counts"], op.ptr(expert_counts)
         a.expert_offsets, a.expert_base = op.ptr(expert_offsets), ptr.get("expert_base", 0)
         a.pad_multiple, a.restage = pad_multiple or 0, 0
-        # R layout blocks (the last also exchanges the counts) beside the staging blocks, within num_sms
-        self.kernels.send.launch(op.stream, self.num_sms, a)
+        # non-blocking and few tokens: send and pull in one launch, once the outputs exist
+        fused = capacity is not None and T <= self._fused_tokens
+        if not fused:  # R layout blocks (the last also exchanges the counts) beside the staging blocks
+            self._launch_dispatch(op, SEND_PHASE)
 
         num_recv = recv_from = per_expert = offsets_list = None
         pull = self._pull
@@ -202,7 +212,7 @@ class NVLinkTransport:
                 # and advances the dispatch sequence, so the group stays usable
                 pull.recv_x = pull.recv_scales = pull.recv_idx = pull.recv_weights = pull.recv_token = 0
                 pull.pair_rows, pull.capacity, pull.token_rows = 0, -1, 0
-                self.kernels.pull.launch(op.stream, self.num_sms, pull)
+                self._launch_dispatch(op, PULL_PHASE)
                 self._raise_bad_topk(topk_idx)
             num_recv = self.mailbox.recv_total
             per_expert = list(self.mailbox.tokens_per_expert[:local])
@@ -215,7 +225,7 @@ class NVLinkTransport:
         recv_scales = op.empty((capacity, H // SCALE_BLOCK), "float32", dev) if fp8 else None
         pull.recv_x, pull.recv_scales, pull.recv_idx = op.ptr(recv_x), op.ptr(recv_scales), op.ptr(recv_idx)
         pull.recv_weights, pull.capacity, pull.token_rows = op.ptr(recv_w), capacity, token_rows
-        self.kernels.pull.launch(op.stream, self.num_sms, pull)
+        self._launch_dispatch(op, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
         if num_recv is not None:  # the rest of the counts, read once the pull is on its way
             recv_from = list(self.mailbox.recv_from[:R])
         handle = Handle(0, op.adapter.name, T, arrays, num_recv, capacity, recv_from, per_expert,
@@ -240,15 +250,22 @@ class NVLinkTransport:
         a = self._send
         a.ticket, a.restage, a.pad_multiple = 0, 1, 0
         a.x, a.scales, a.topk_idx, a.topk_weights, a.num_tokens = g.ptr, 0, 0, 0, handle.num_tokens
-        self.kernels.send.launch(op.stream, self.num_sms, a)
+        self._launch_dispatch(op, SEND_PHASE)
         out = op.empty((handle.capacity, self.hidden), "bf16", self.device)
         pull = self._pull
         pull.recv_offsets, pull.restage, pull.recv_x, pull.capacity = ptr["recv_offsets"], 1, op.ptr(out), handle.capacity
         pull.recv_token, pull.pair_rows, pull.token_rows = ptr["recv_token"], ptr.get("pair_rows", 0), pairs.token_rows
         pull.expert_base, pull.expert_offsets = ptr.get("expert_base", 0), op.ptr(pairs.expert_offsets)
         pull.expert_counts, pull.recv_scales, pull.recv_idx, pull.recv_weights = op.ptr(pairs.expert_counts), 0, 0, 0
-        self.kernels.pull.launch(op.stream, self.num_sms, pull)
+        self._launch_dispatch(op, PULL_PHASE)
         return out, [out]
+
+    def _launch_dispatch(self, op: Operation, phases: int) -> None:
+        """dispatch_kernel for `phases`, with the send and pull structs as they are now."""
+        self._dispatch.phases = phases
+        both = phases == SEND_PHASE | PULL_PHASE  # then its blocks wait for each other
+        kernel = self._resident_kernel("dispatch") if both else self.kernels.dispatch
+        kernel.launch(op.stream, self.num_sms, self._dispatch)
 
     def _wait_for_counts(self, ticket: int) -> None:
         """Wait on mapped host memory until the count exchange of `ticket` has landed. The
@@ -271,9 +288,7 @@ class NVLinkTransport:
         """out [T, H] bf16; with `scalars` (per-pair fp32 values: [rows] in the expert layout,
         [rows, K] in the token layout) also their sum over ranks per source pair, [T, K].
         `weights`: expert layout, apply the pairs' weights (else 1)."""
-        if not self._resident:
-            self._check_resident(self.kernels.combine, self.device, self.num_sms)
-            self._resident = True
+        combine = self._resident_kernel("combine")
         self._begin(op)
         pairs: PairLayout = handle.transport
         expert = handle.layout == "expert"
@@ -290,7 +305,7 @@ class NVLinkTransport:
         a.recv_idx = op.ptr(handle.recv_topk_idx) if scalars is not None and not expert else 0
         a.scalars_out = op.ptr(scalars_out)
         # one block per SM of num_sms, all resident at once (checked at the first combine)
-        self.kernels.combine.launch(op.stream, self.num_sms, a)
+        combine.launch(op.stream, self.num_sms, a)
         return out, scalars_out, [out, scalars_out]
 
     # ---- teardown ---------------------------------------------------------------

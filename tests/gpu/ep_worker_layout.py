@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ep_reference import expert_combine_reference, expert_layout_reference, expert_output  # noqa: E402
-from ep_worker import DEV, RANK, SEED, WORLD, bits, case_buffers, inputs, main, named, poison  # noqa: E402
+from ep_worker import DEV, RANK, SEED, WORLD, bits, case_buffers, check_round, inputs, main, named, poison  # noqa: E402
 
 import ep_jit  # noqa: E402
 import ep_jit.jit  # noqa: E402
@@ -85,6 +85,32 @@ def suite_expert() -> int:
         else:
             raise AssertionError("a too-small capacity was not reported")
         n += 1
+    return n
+
+
+PATH_CASES = [((7168, 256, 8), "bf16"), ((2048, 64, 2), "fp8_e4m3"), ((2048, 8, 1), "bf16")]
+
+
+def suite_paths() -> int:
+    """Non-blocking dispatches down both kernel paths whatever T, forced with
+    EP_JIT_FUSED_DISPATCH_TOKENS: send and pull in one launch (the small-batch path) and in
+    two; both layouts, against the CPU references."""
+    n = 0
+    for limit in (0, 1 << 30):
+        os.environ["EP_JIT_FUSED_DISPATCH_TOKENS"] = str(limit)
+        for H, E, K, dtype, buf in case_buffers(PATH_CASES, 256):
+            for i, kind in enumerate(["random", "skewed", "empty", "zero_on_one", "full"]):
+                data = inputs(kind, E, K, H, dtype, 256, SEED + 1000 * n + i)
+                pad = PADS[(n + i) % len(PADS)]
+                path = "one launch" if limit else "two launches"
+                with named(f"{path}: H={H} E={E} K={K} {dtype} {kind}, token layout"):
+                    check_round(buf, data, E, H, dtype, capacity=WORLD * 256)
+                with named(f"{path}: H={H} E={E} K={K} {dtype} {kind}, expert layout P={pad}"):
+                    check_expert_round(buf, data, E, H, dtype, pad, WORLD * 256 * K + pad * E)
+                n += 2
+            fused = "dispatch" in buf._transport._resident  # checked at the first fused launch
+            assert fused == bool(limit), f"EP_JIT_FUSED_DISPATCH_TOKENS={limit}: one-launch path taken: {fused}"
+    os.environ.pop("EP_JIT_FUSED_DISPATCH_TOKENS")
     return n
 
 

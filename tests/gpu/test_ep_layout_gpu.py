@@ -16,6 +16,12 @@ def test_expert_layout_matches_reference(world):
 
 
 @pytest.mark.gpu
+def test_both_dispatch_paths_match_reference():
+    """Non-blocking dispatch in one launch (few tokens) and in two, each forced."""
+    run_ranks("paths", 2, worker=WORKER)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_moe_layer_trains_like_the_dense_reference(world):
     run_ranks("train", world, worker=WORKER)
