@@ -38,6 +38,7 @@ class Adapter(Protocol):
     def all_to_all(self, group: Any, out: Any, inp: Any, out_splits: list[int], in_splits: list[int],
                    stream: int | None) -> None: ...
     def check_collective_stream(self, stream: int | None) -> None: ...  # raises if they cannot run there
+    def describe(self, t: Any) -> TensorView: ...  # AdapterBase's
 
 
 def paddle_torch_proxy_active() -> bool:
@@ -118,10 +119,19 @@ class TensorView(NamedTuple):
     tensor: Any          # the tensor itself, for the framework's own collectives
 
 
+class AdapterBase:
+    """What adapters share: a tensor's view from its parts (an adapter may read them at once)."""
+
+    name: str
+
+    def describe(self, t: Any) -> TensorView:
+        return TensorView(self.pointer(t), self.shape(t), self.dtype(t), self.device(t), self.is_contiguous(t),
+                          self.name, t)
+
+
 def view(t: Any, adapter: Adapter | None = None) -> TensorView:
     """The view of any torch, cupy or paddle tensor (TypeError for anything else)."""
-    a = adapter or adapter_for(t)
-    return TensorView(a.pointer(t), a.shape(t), a.dtype(t), a.device(t), a.is_contiguous(t), framework_of(t), t)
+    return (adapter or adapter_for(t)).describe(t)
 
 
 class BoundGroup(NamedTuple):

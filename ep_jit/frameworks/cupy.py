@@ -7,12 +7,12 @@ from typing import Any, Sequence
 
 import cupy
 
-from . import DTYPE_NAMES
+from . import DTYPE_NAMES, AdapterBase
 
 _NUMPY = {v: k for k, v in DTYPE_NAMES.items()}
 
 
-class CupyAdapter:
+class CupyAdapter(AdapterBase):
     name = "cupy"
 
     def pointer(self, t: cupy.ndarray) -> int:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import paddle
 
-from . import DTYPE_NAMES
+from . import DTYPE_NAMES, AdapterBase
 
 _PADDLE = {v: k for k, v in DTYPE_NAMES.items()}
 
@@ -29,7 +29,7 @@ def stream_handle_of(stream: Any) -> int | None:
     return None
 
 
-class PaddleAdapter:
+class PaddleAdapter(AdapterBase):
     name = "paddle"
 
     def pointer(self, t: paddle.Tensor) -> int:

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from . import paddle_torch_proxy_active
+from . import AdapterBase, TensorView, paddle_torch_proxy_active
 
 if paddle_torch_proxy_active():  # paddle.enable_compat(): `torch` is Paddle, use the Paddle adapter
     raise ImportError("torch is Paddle's compatibility proxy here; tensors go through the Paddle adapter")
@@ -26,7 +26,7 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-class TorchAdapter:
+class TorchAdapter(AdapterBase):
     name = "torch"
 
     def pointer(self, t: torch.Tensor) -> int:
@@ -43,6 +43,10 @@ class TorchAdapter:
 
     def is_contiguous(self, t: torch.Tensor) -> bool:
         return t.is_contiguous()
+
+    def describe(self, t: torch.Tensor) -> TensorView:  # every operation's checks: one call, not five
+        return TensorView(t.data_ptr(), tuple(t.shape), _DTYPES.get(t.dtype) or self.dtype(t), t.get_device(),
+                          t.is_contiguous(), "torch", t)
 
     def current_stream(self, device: int) -> int:
         return _raw_stream(device)

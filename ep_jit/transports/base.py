@@ -108,27 +108,40 @@ class Operation(NamedTuple):
 ITEM_SIZES = {"bool": 1, "uint8": 1, "fp8_e4m3": 1, "bf16": 2, "int32": 4, "float32": 4, "int64": 8}
 
 
-class Arrays:
-    """An operation's small device arrays in one allocation, by name: each part 16-byte
-    aligned, its address known at once, a tensor view of it made only when asked for.
-    Allocations cost microseconds each on the host while the GPU waits, and a view costs
-    as much as an allocation, so arrays only the kernels read never become tensors."""
+class ArrayLayout(NamedTuple):
+    """Where each named part of an Arrays allocation lies: (shape, dtype) and byte offset,
+    each 16-byte aligned. Made once per shape, since operations repeat their shapes."""
 
-    def __init__(self, op: Operation, device: int, parts: dict[str, tuple[tuple[int, ...], str]]) -> None:
-        self._adapter, self._parts, self._views = op.adapter, parts, {}
-        self._offsets, total = {}, 0
+    parts: dict[str, tuple[tuple[int, ...], str]]
+    offsets: dict[str, int]
+    nbytes: int
+
+    @staticmethod
+    def of(parts: dict[str, tuple[tuple[int, ...], str]]) -> "ArrayLayout":
+        offsets, total = {}, 0
         for name, (shape, dtype) in parts.items():
-            self._offsets[name] = total
+            offsets[name] = total
             total += -(-math.prod(shape) * ITEM_SIZES[dtype] // 16) * 16
-        self.storage = op.empty((max(total, 16),), "uint8", device)
+        return ArrayLayout(parts, offsets, max(total, 16))
+
+
+class Arrays:
+    """An operation's small device arrays in one allocation, by name: each part's address
+    known at once, a tensor view of it made only when asked for. Allocations cost
+    microseconds each on the host while the GPU waits, and a view costs as much as an
+    allocation, so arrays only the kernels read never become tensors."""
+
+    def __init__(self, op: Operation, device: int, layout: ArrayLayout) -> None:
+        self._adapter, self._layout, self._views = op.adapter, layout, {}
+        self.storage = op.empty((layout.nbytes,), "uint8", device)
         base = op.ptr(self.storage)
-        self.ptr = {name: base + offset for name, offset in self._offsets.items()}
+        self.ptr = {name: base + offset for name, offset in layout.offsets.items()}
 
     def __getitem__(self, name: str) -> Any:
         view = self._views.get(name)
         if view is None:
-            shape, dtype = self._parts[name]
-            view = self._views[name] = self._adapter.view(self.storage, self._offsets[name], shape, dtype)
+            shape, dtype = self._layout.parts[name]
+            view = self._views[name] = self._adapter.view(self.storage, self._layout.offsets[name], shape, dtype)
         return view
 
 

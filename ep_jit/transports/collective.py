@@ -23,7 +23,8 @@ from ..frameworks import framework_of
 from ..kernels.args import CountArgs, LayoutArgs, PackArgs, Status, SumArgs, UnpackArgs, meta_row_bytes
 from ..kernels.constants import SCALE_BLOCK, STATUS_WORDS
 from ..runtime import check, mapped_host_memory, quiesce
-from .base import Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket, wait_for_ticket
+from .base import (ArrayLayout, Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
+                   wait_for_ticket)
 
 
 def _free_host(device: int, host: int) -> None:
@@ -88,9 +89,10 @@ class CollectiveTransport:
         a, s, dev, rank, k = op.adapter, op.stream, self.device, self.group.rank, self.kernels
 
         # counts row: tokens per destination [R], pairs per expert [E], status words
-        arrays = Arrays(op, dev, {"counts": ((self.counts_len,), "int32"), "token_slot": ((T, R), "int32"),
-                                  "is_token_in_rank": ((T, R), "bool"), "send_offsets": ((R + 1,), "int32"),
-                                  "recv_offsets": ((R + 1,), "int32")})
+        arrays = Arrays(op, dev, ArrayLayout.of({
+            "counts": ((self.counts_len,), "int32"), "token_slot": ((T, R), "int32"),
+            "is_token_in_rank": ((T, R), "bool"), "send_offsets": ((R + 1,), "int32"),
+            "recv_offsets": ((R + 1,), "int32")}))
         ptr = arrays.ptr
         status = ptr["counts"] + 4 * (R + E)
         check(driver.cuMemsetD32Async(status, 0, STATUS_WORDS, s), "cuMemsetD32Async(status)")

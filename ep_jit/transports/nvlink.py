@@ -20,7 +20,7 @@ from ..kernels.args import CombineArgs, DispatchArgs, Mailbox, Peers, PullArgs, 
 from ..kernels.constants import NUM_FLAG_KINDS, PHASES, PULL_PHASE, SCALE_BLOCK, SEND_PHASE
 from ..runtime import LoadedKernel, check, device_attribute, mapped_host_memory, quiesce, setup_stream, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from .base import (Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
+from .base import (ArrayLayout, Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
                    wait_for_ticket)
 
 
@@ -67,6 +67,7 @@ class NVLinkTransport:
         self.kernels = Kernels(setup, self.templates)  # fetched at first use
         self._resident: set[str] = set()  # kernels whose blocks were checked to fit at once
         self._fused_tokens = fused_dispatch_tokens() or -1  # 0: never, not even for T = 0
+        self._layouts: dict[tuple[int, bool], ArrayLayout] = {}  # (T, expert layout): at most 2 per T
         self._max_tokens = setup.max_tokens
         self.layout, size = plan_layout(num_ranks=self.group.size, num_experts=self.num_experts, hidden=self.hidden,
                                         topk=self.topk, max_tokens=setup.max_tokens,
@@ -180,13 +181,7 @@ class NVLinkTransport:
         else:
             self._unraised_nonblocking = True  # a bad id it finds is raised later, maybe by a default dispatch
         a.ticket = self._tickets if capacity is None else 0
-        # the kernels' own arrays; token rows: the most that can arrive (exact in default mode)
-        most = R * self._max_tokens
-        parts = {"token_slot": ((T, R), "int32"), "is_token_in_rank": ((T, R), "bool"),
-                 "recv_offsets": ((R + 1,), "int32"), "sent_counts": ((R,), "int32"), "recv_token": ((most,), "int32")}
-        if expert:
-            parts.update(pair_rows=((most, K), "int32"), expert_base=((R, local), "int32"))
-        arrays = Arrays(op, dev, parts)
+        arrays = Arrays(op, dev, self._layouts.get((T, expert)) or self._array_layout(T, expert))
         ptr = arrays.ptr
         expert_counts = op.empty((local,), "int32", dev)
         expert_offsets = op.empty((local + 1,), "int32", dev) if expert else None
@@ -218,7 +213,7 @@ class NVLinkTransport:
             per_expert = list(self.mailbox.tokens_per_expert[:local])
             offsets_list = segment_offsets(per_expert, pad_multiple) if expert else None
             capacity = offsets_list[-1] if expert else num_recv
-        token_rows = num_recv if num_recv is not None else most
+        token_rows = num_recv if num_recv is not None else R * self._max_tokens
         recv_x = op.empty((capacity, H), self.dtype, dev)
         recv_idx = None if expert else op.empty((capacity, K), "int64", dev)
         recv_w = op.empty((capacity,) if expert else (capacity, K), "float32", dev)
@@ -239,6 +234,17 @@ class NVLinkTransport:
         else:
             result = DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle)
         return result, keep
+
+    def _array_layout(self, T: int, expert: bool) -> ArrayLayout:
+        """The kernels' own arrays of a dispatch of T tokens; token rows: the most that can
+        arrive (the received count in default mode is known only after the send phase)."""
+        R, K, most = self.group.size, self.topk, self.group.size * self._max_tokens
+        parts = {"token_slot": ((T, R), "int32"), "is_token_in_rank": ((T, R), "bool"),
+                 "recv_offsets": ((R + 1,), "int32"), "sent_counts": ((R,), "int32"), "recv_token": ((most,), "int32")}
+        if expert:
+            parts.update(pair_rows=((most, K), "int32"), expert_base=((R, self.num_experts // R), "int32"))
+        layout = self._layouts[(T, expert)] = ArrayLayout.of(parts)
+        return layout
 
     def restage(self, op: Operation, g: Any, handle: Handle) -> tuple[Any, list]:
         """Move bf16 rows g [T, H] (a gradient of combine's output) to where dispatch put the
