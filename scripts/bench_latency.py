@@ -9,7 +9,8 @@ Per token count and mode, the median over --iters calls after warm-up of
 - gpu: CUDA-event time from before dispatch to after combine on the stream.
 Modes: default (the host waits for the counts, exact-size outputs), capacity
 (capacity = T, never synchronises) and graph (the capacity-mode calls captured once in a
-CUDA graph and replayed: the GPU floor, no host work).
+CUDA graph and replayed: the GPU floor, no host work). Also `host_us`: the host's own time
+per call of each mode, from --iters calls issued back to back without synchronising.
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ def measure(step, iters: int, warmup: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(events)
 
 
+def host_time(step, iters: int, warmup: int) -> float:
+    """Host microseconds per call, calls issued back to back (the GPU runs behind)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    elapsed = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return elapsed / iters * 1e6
+
+
 def main() -> None:
     args = parse()
     torch.cuda.set_device(0)
@@ -83,8 +97,9 @@ def main() -> None:
             capacity()
         for mode, step in (("default", default), ("capacity", capacity), ("graph", graph.replay)):
             wall, gpu = measure(step, args.iters, args.warmup)
-            rows.append(dict(tokens=T, mode=mode, wall_us=round(wall, 1), gpu_us=round(gpu, 1)))
-            print(f"T={T:5d} {mode:9s} wall {wall:8.1f} us   gpu {gpu:8.1f} us", flush=True)
+            host = host_time(step, args.iters, args.warmup)
+            rows.append(dict(tokens=T, mode=mode, wall_us=round(wall, 1), gpu_us=round(gpu, 1), host_us=round(host, 1)))
+            print(f"T={T:5d} {mode:9s} wall {wall:8.1f} us   gpu {gpu:8.1f} us   host {host:8.1f} us", flush=True)
     buf.close()
     if args.out:
         args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, results=rows), indent=1))
