@@ -23,8 +23,8 @@ from ..frameworks import framework_of
 from ..kernels.args import CountArgs, LayoutArgs, PackArgs, Status, SumArgs, UnpackArgs, meta_row_bytes
 from ..kernels.constants import SCALE_BLOCK, STATUS_WORDS
 from ..runtime import check, mapped_host_memory, quiesce
-from .base import (ArrayLayout, Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
-                   wait_for_ticket)
+from .base import (ArrayLayout, Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message,
+                   next_ticket, wait_for_ticket)
 
 
 def _free_host(device: int, host: int) -> None:

@@ -20,8 +20,8 @@ from ..kernels.args import CombineArgs, DispatchArgs, Mailbox, Peers, PullArgs, 
 from ..kernels.constants import NUM_FLAG_KINDS, PHASES, PULL_PHASE, SCALE_BLOCK, SEND_PHASE
 from ..runtime import LoadedKernel, check, device_attribute, mapped_host_memory, quiesce, setup_stream, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from .base import (ArrayLayout, Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message, next_ticket,
-                   wait_for_ticket)
+from .base import (ArrayLayout, Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message,
+                   next_ticket, wait_for_ticket)
 
 
 @dataclass
@@ -187,7 +187,8 @@ class NVLinkTransport:
         expert_offsets = op.empty((local + 1,), "int32", dev) if expert else None
         a.x, a.scales, a.topk_idx, a.topk_weights = x.ptr, scales.ptr if fp8 else 0, topk_idx.ptr, topk_weights.ptr
         a.is_token_in_rank, a.token_slot, a.num_tokens = ptr["is_token_in_rank"], ptr["token_slot"], T
-        a.recv_offsets, a.sent_counts, a.local_expert_counts = ptr["recv_offsets"], ptr["sent_counts"], op.ptr(expert_counts)
+        a.recv_offsets, a.sent_counts = ptr["recv_offsets"], ptr["sent_counts"]
+        a.local_expert_counts = op.ptr(expert_counts)
         a.expert_offsets, a.expert_base = op.ptr(expert_offsets), ptr.get("expert_base", 0)
         a.pad_multiple, a.restage = pad_multiple or 0, 0
         # non-blocking and few tokens: send and pull in one launch, once the outputs exist
