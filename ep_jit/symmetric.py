@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import secrets
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from cuda.bindings import driver
 
@@ -42,12 +42,20 @@ def plan_layout(*, num_ranks: int, num_experts: int, hidden: int, topk: int, max
         ("combine_scalars", num_ranks * max_tokens * topk * 4),
         ("combine_dropped", num_ranks * 4),
     ]
-    layout, offset = SymLayout(), 0
-    for name, size in sizes:
-        setattr(layout, name, offset)
-        offset += (size + ALIGN - 1) // ALIGN * ALIGN
+    offsets, total = aligned_offsets(sizes, ALIGN)
+    layout = SymLayout(**offsets)
     layout.max_tokens = max_tokens
-    return layout, offset
+    return layout, total
+
+
+def aligned_offsets(sizes: Iterable[tuple[str, int]], align: int) -> tuple[dict[str, int], int]:
+    """Regions of the given byte sizes laid end to end, each at a multiple of `align`:
+    their offsets by name, and the bytes they take."""
+    offsets, total = {}, 0
+    for name, size in sizes:
+        offsets[name] = total
+        total += -(-size // align) * align
+    return offsets, total
 
 
 def flag_word(tag: int, nonce: int, seq: int) -> int:

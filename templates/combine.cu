@@ -31,11 +31,11 @@ __device__ __forceinline__ uint64_t* chunk_flag(uint64_t base, const SymLayout& 
 }
 
 // Rows per flagged chunk of the `rows` rows between one pusher and one source: both ends
-// know `rows` (the pusher received them, the source sent them) and the grid, so both
-// compute the same size; few rows make small chunks, so every pushing warp gets some.
+// know `rows` (the pusher received them, the source sent them) and the grid, and size the
+// chunks with PeerChunks::peer_size; few rows make small chunks, so every pushing warp gets some.
 template <int NUM_RANKS>
 __device__ __forceinline__ int combine_chunk_rows(int rows) {
-    return chunk_rows_for(rows, gridDim.x * kPushWarps / NUM_RANKS, kCombineChunkRows);
+    return PeerChunks<NUM_RANKS>::peer_size(rows, gridDim.x * kPushWarps, kCombineChunkRows);
 }
 
 // What row j carries besides its bf16 row: the pairs' scalars (lane k < TOPK holds k's).
@@ -74,7 +74,8 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
                                           const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
                                           uint64_t want, int warp, int num_warps, int lane) {
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
-    const PeerChunks<NUM_RANKS> chunks(offsets, total, rank, num_warps, kCombineChunkRows, true);
+    // sized as combine_chunk_rows sizes them on the source
+    const PeerChunks<NUM_RANKS> chunks(offsets, total, rank, gridDim.x * kPushWarps, kCombineChunkRows, true);
     for (int c = warp; c < chunks.count; c += num_warps) {
         const int dst = chunks.peer(c), begin = chunks.begin(c), end = chunks.end(c);
         const int stop = min(begin + chunks.size(dst), offsets[dst + 1]);

@@ -188,8 +188,8 @@ __device__ __forceinline__ void grid_done_post(int* counter, int num_blocks, con
 }
 
 // ---- rows grouped by peer, walked in interleaved chunks ------------------------
-// Rows [offsets[p], offsets[p+1]) belong to peer p. Chunk c covers up to rows_of(p) rows
-// of peer p = (c + rank) % R, the (c / R)-th chunk of that peer's rows, so consecutive
+// Rows [offsets[p], offsets[p+1]) belong to peer p. Chunk c covers up to size(p) rows of
+// peer p = (c + rank) % R, the (c / R)-th chunk of that peer's rows, so consecutive
 // chunks (and so the warps of the grid at any moment) spread over every peer's link
 // instead of draining one peer after another. Chunk sizes are runtime values: a few rows
 // would otherwise leave most warps idle (at 128 rows, 32-row chunks kept 4 warps of 384 busy).
@@ -221,9 +221,14 @@ struct PeerChunks {
         }
         count = NUM_RANKS * chunks;
     }
+    // Rows per chunk of a peer with `rows` rows, sized per peer: what the other end of the
+    // pair computes from the same count to find a chunk's flag.
+    static __device__ __forceinline__ int peer_size(int rows, int num_workers, int most_rows) {
+        return chunk_rows_for(rows, num_workers / NUM_RANKS, most_rows);
+    }
     // Rows per chunk of peer p.
     __device__ __forceinline__ int size(int p) const {
-        return uniform > 0 ? uniform : chunk_rows_for(offsets[p + 1] - offsets[p], workers / NUM_RANKS, most);
+        return uniform > 0 ? uniform : peer_size(offsets[p + 1] - offsets[p], workers, most);
     }
     // The peer and the row range [begin, end) of chunk c (empty when begin >= end).
     __device__ __forceinline__ int peer(int c) const { return (c + rank) % NUM_RANKS; }

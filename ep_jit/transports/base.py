@@ -19,6 +19,7 @@ from ..jit import record_load
 from ..kernels import KERNELS, TEMPLATES
 from ..runtime import Library, LoadedKernel
 from ..spec import KernelSpec
+from ..symmetric import aligned_offsets
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,8 @@ class ArrayLayout(NamedTuple):
 
     @staticmethod
     def of(parts: dict[str, tuple[tuple[int, ...], str]]) -> "ArrayLayout":
-        offsets, total = {}, 0
-        for name, (shape, dtype) in parts.items():
-            offsets[name] = total
-            total += -(-math.prod(shape) * ITEM_SIZES[dtype] // 16) * 16
+        offsets, total = aligned_offsets(((name, math.prod(shape) * ITEM_SIZES[dtype])
+                                          for name, (shape, dtype) in parts.items()), 16)
         return ArrayLayout(parts, offsets, max(total, 16))
 
 

@@ -20,8 +20,8 @@ from ..kernels.args import CombineArgs, DispatchArgs, Mailbox, Peers, PullArgs, 
 from ..kernels.constants import NUM_FLAG_KINDS, PHASES, PULL_PHASE, SCALE_BLOCK, SEND_PHASE
 from ..runtime import LoadedKernel, check, device_attribute, mapped_host_memory, quiesce, setup_stream, use_device
 from ..symmetric import SymmetricBuffer, plan_layout
-from .base import (ArrayLayout, Arrays, DispatchResult, Handle, Operation, Setup, Kernels, bad_topk_message,
-                   next_ticket, wait_for_ticket)
+from .base import (ITEM_SIZES, ArrayLayout, Arrays, DispatchResult, Handle, Operation, Setup, Kernels,
+                   bad_topk_message, next_ticket, wait_for_ticket)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class NVLinkTransport:
         self._max_tokens = setup.max_tokens
         self.layout, size = plan_layout(num_ranks=self.group.size, num_experts=self.num_experts, hidden=self.hidden,
                                         topk=self.topk, max_tokens=setup.max_tokens,
-                                        elem_size=1 if self.dtype == "fp8_e4m3" else 2)
+                                        elem_size=ITEM_SIZES[self.dtype])
         self.sym = SymmetricBuffer(self.group, self.layout, size, self.device, self._gather)
         self._workspace = check(driver.cuMemAlloc(ctypes.sizeof(Workspace)), "cuMemAlloc(workspace)")
         with setup_stream("workspace") as stream:
