@@ -45,9 +45,10 @@ def needs_grad(*tensors: Any) -> bool:
         if t is None:
             continue
         if framework_of(t) == "torch":
-            import torch
-            if torch.is_grad_enabled() and t.requires_grad:
-                return True
+            if t.requires_grad:
+                import torch
+                if torch.is_grad_enabled():
+                    return True
         elif not getattr(t, "stop_gradient", True):
             import paddle
             if paddle.is_grad_enabled():
@@ -63,9 +64,11 @@ def routed_weights(result: DispatchResult) -> Any:
 # ---- the one implementation ----------------------------------------------------------
 
 def dispatch_backward(engine: Engine, handle: Handle, stream: Any, grad_recv_x: Any,
-                      grad_weights: Any) -> tuple[Any, Any]:
-    """grad_x [T, H] bf16 and grad_topk_weights [T, K] fp32 (None when no weight gradient came)."""
-    grad_x, grad_w = engine.combine_raw(_contiguous(grad_recv_x), handle, stream, False, _contiguous(grad_weights))
+                      grad_weights: Any, want_x: bool) -> tuple[Any, Any]:
+    """grad_x [T, H] bf16 and grad_topk_weights [T, K] fp32 (None when no weight gradient came).
+    Without `want_x` (fp8 x, or x not requiring grad) only the weights' gradients move."""
+    rows = _contiguous(grad_recv_x) if want_x or grad_weights is None else None
+    grad_x, grad_w = engine.combine_raw(rows, handle, stream, False, _contiguous(grad_weights))
     return grad_x, grad_w
 
 
@@ -102,7 +105,8 @@ def _torch_functions() -> tuple[type, type]:
 
         @staticmethod
         def backward(ctx, grad_recv_x, grad_weights):
-            grad_x, grad_w = dispatch_backward(ctx.engine, ctx.handle, ctx.stream, grad_recv_x, grad_weights)
+            grad_x, grad_w = dispatch_backward(ctx.engine, ctx.handle, ctx.stream, grad_recv_x, grad_weights,
+                                               ctx.needs_input_grad[0])
             return grad_x, grad_w, None, None
 
     class Combine(torch.autograd.Function):
@@ -137,7 +141,8 @@ def _paddle_functions() -> tuple[type, type]:
 
         @staticmethod
         def backward(ctx, grad_recv_x, grad_weights):
-            grad_x, grad_w = dispatch_backward(ctx.engine, ctx.handle, ctx.stream, grad_recv_x, grad_weights)
+            grad_x, grad_w = dispatch_backward(ctx.engine, ctx.handle, ctx.stream, grad_recv_x, grad_weights,
+                                               ctx.wants[0])
             return tuple(g if want else None for g, want in zip((grad_x, grad_w), ctx.wants))
 
     class Combine(PyLayer):

@@ -16,7 +16,7 @@ from cuda.bindings import driver
 from . import autograd
 from .autograd import needs_grad
 from .errors import PeerTimeout
-from .frameworks import Adapter, TensorView, adapter_for, bind_group, framework_of, resolve_stream, view
+from .frameworks import Adapter, TensorView, adapter_for, bind_group, framework_of, resolve_stream
 from .kernels.constants import MAX_LOCAL_EXPERTS, MAX_RANKS, SCALE_BLOCK
 from .runtime import check, device_arch, device_attribute, use_device
 from .spec import canonical_dtype
@@ -118,13 +118,19 @@ class Buffer:
                              f"differ from rank 0 ({ {k: everyone[0][k] for k in differ} } vs "
                              f"{ {k: everyone[r][k] for k in differ for r in ranks[:1]} })")
 
-    def _tensor(self, name: str, t: Any, dtype: str, shape: tuple, framework: str, vectors: bool = False,
-                adapter: Adapter | None = None) -> TensorView:
+    def _tensor(self, name: str, t: Any, dtype: str, shape: tuple, adapter: Adapter,
+                vectors: bool = False) -> TensorView:
         """The view of `t` once every check passes. `vectors`: a row tensor the kernels
         move in 16-byte vectors; it must be 16-byte aligned."""
-        if framework_of(t) != framework:
-            raise TypeError(f"{name}: expected a {framework} tensor like x, got {type(t).__module__}.{type(t).__name__}")
-        v = view(t, adapter)
+        if framework_of(t) != adapter.name:
+            raise TypeError(f"{name}: expected a {adapter.name} tensor like x, got "
+                            f"{type(t).__module__}.{type(t).__name__}")
+        return self._check_view(name, adapter.describe(t), dtype, shape, vectors)
+
+    def _check_view(self, name: str, v: TensorView, dtype: str, shape: tuple, vectors: bool = False) -> TensorView:
+        if v.device == self.device and v.dtype == dtype and v.shape == shape and v.contiguous and \
+                not (vectors and v.ptr % 16):
+            return v  # the common case: one test
         if v.device != self.device:
             raise ValueError(f"{name}: expected a tensor on cuda:{self.device}, got device {v.device}")
         if v.dtype != dtype:
@@ -133,9 +139,7 @@ class Buffer:
             raise ValueError(f"{name}: expected shape {list(shape)}, got {list(v.shape)}")
         if not v.contiguous:
             raise ValueError(f"{name}: expected a contiguous tensor, got strides that are not row-major")
-        if vectors and v.ptr % 16:
-            raise ValueError(f"{name}: expected a 16-byte aligned address, got one with address % 16 = {v.ptr % 16}")
-        return v
+        raise ValueError(f"{name}: expected a 16-byte aligned address, got one with address % 16 = {v.ptr % 16}")
 
     def raise_pending(self) -> None:
         """Raise what earlier non-blocking dispatches found on the device: an expert id
@@ -146,8 +150,8 @@ class Buffer:
     # ---- dispatch ---------------------------------------------------------------
 
     def dispatch(self, x: Any, topk_idx: Any, topk_weights: Any, scales: Any = None, stream: Any = None,
-                 capacity: int | None = None, *, layout: str = "token", pad_multiple: int | None = None
-                 ) -> DispatchResult:
+                 capacity: int | None = None, *, layout: str = "token", pad_multiple: int | None = None,
+                 out: DispatchResult | None = None) -> DispatchResult:
         """Send every token to the ranks that hold its experts.
 
         `layout="token"` (default): one row per (token, receiving rank), ordered by (source
@@ -171,6 +175,12 @@ class Buffer:
         capacity (dropped): bad ids are raised by the next default-mode dispatch or by
         `raise_pending()`, dropped rows by `raise_pending()` alone.
 
+        `out`: the result of an earlier non-blocking dispatch of this Buffer with the same
+        number of tokens, capacity, layout and pad_multiple, not recorded for autograd. This
+        dispatch overwrites its tensors and handle (after the work queued before it on the
+        stream) and returns it, so a decode loop allocates nothing; its previous contents and
+        handle are gone, so combine it first.
+
         Differentiable when x (bf16) or topk_weights requires grad: see ep_jit/autograd.py.
         """
         if layout not in ("token", "expert"):
@@ -180,8 +190,11 @@ class Buffer:
         if layout == "expert":
             self._require("expert layout", "layout")
             pad_multiple = 1 if pad_multiple is None else _positive("pad_multiple", pad_multiple)
-        if not needs_grad(x, topk_weights):
-            return self.dispatch_raw(x, topk_idx, topk_weights, scales, stream, capacity, layout, pad_multiple)
+        grad = needs_grad(x, topk_weights)
+        if out is not None:
+            self._check_out_result(out, grad, capacity, layout, pad_multiple)
+        if not grad:
+            return self.dispatch_raw(x, topk_idx, topk_weights, scales, stream, capacity, layout, pad_multiple, out)
         self._require("autograd", "x")
         if self.dtype == "fp8_e4m3" and needs_grad(x):
             raise ValueError("x: fp8 dispatch has no gradient with respect to x; expected an fp8 x that does not "
@@ -189,38 +202,61 @@ class Buffer:
         return autograd.dispatch(self, x, topk_idx, topk_weights, scales, stream, capacity, layout, pad_multiple)
 
     def dispatch_raw(self, x: Any, topk_idx: Any, topk_weights: Any, scales: Any, stream: Any,
-                     capacity: int | None, layout: str, pad_multiple: int | None) -> DispatchResult:
+                     capacity: int | None, layout: str, pad_multiple: int | None,
+                     out: DispatchResult | None = None) -> DispatchResult:
         """dispatch without autograd (its checks are dispatch's)."""
         self._transport.check_error()
         adapter = adapter_for(x)
-        fw = adapter.name
-        shape = adapter.shape(x)
+        xv = adapter.describe(x)
+        shape = xv.shape
         if len(shape) != 2 or shape[1] != self.hidden:
             raise ValueError(f"x: expected shape [T, {self.hidden}], got {list(shape)}")
         T, H, K = shape[0], self.hidden, self.topk
         if T > self.max_tokens:
             raise ValueError(f"x: expected at most max_tokens_per_rank={self.max_tokens} tokens, got {T}")
-        xv = self._tensor("x", x, self.dtype, (T, H), fw, vectors=True, adapter=adapter)
-        idx = self._tensor("topk_idx", topk_idx, "int64", (T, K), fw, adapter=adapter)
-        weights = self._tensor("topk_weights", topk_weights, "float32", (T, K), fw, adapter=adapter)
+        self._check_view("x", xv, self.dtype, (T, H), vectors=True)
+        idx = self._tensor("topk_idx", topk_idx, "int64", (T, K), adapter)
+        weights = self._tensor("topk_weights", topk_weights, "float32", (T, K), adapter)
         sv = None
         if self.dtype == "fp8_e4m3":
             if scales is None:
                 raise ValueError(f"scales: expected float32 [T, {H // SCALE_BLOCK}] for fp8 dispatch, got None")
-            sv = self._tensor("scales", scales, "float32", (T, H // SCALE_BLOCK), fw, vectors=True, adapter=adapter)
+            sv = self._tensor("scales", scales, "float32", (T, H // SCALE_BLOCK), adapter, vectors=True)
         elif scales is not None:
             raise ValueError("scales: expected None for a bf16 Buffer, got a tensor")
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or
                                      not 0 <= capacity <= MAX_CAPACITY):
             raise ValueError(f"capacity: expected an int in [0, {MAX_CAPACITY}] or None, got {capacity!r}")
+        if out is not None and (out.handle.num_tokens, out.handle.framework) != (T, adapter.name):
+            raise ValueError(f"out: expected the result of a dispatch of {T} {adapter.name} tokens, got one of "
+                             f"{out.handle.num_tokens} {out.handle.framework} tokens")
         op = self._operation(stream, adapter)
         self._transport.check_operation(op, capacity)
         use_device(self.device)
         result, keep = self._transport.dispatch(op, xv, idx, weights, sv, capacity,
-                                                pad_multiple if layout == "expert" else None)
+                                                pad_multiple if layout == "expert" else None, out)
         result.handle.buffer_id = self.id
-        self._retain(op.foreign_stream, [x, topk_idx, topk_weights, scales, *keep])
+        if op.foreign_stream is not None or self._retained:
+            self._retain(op.foreign_stream, [x, topk_idx, topk_weights, scales, *keep])
         return result
+
+    def _check_out_result(self, out: Any, grad: bool, capacity: int | None, layout: str,
+                          pad_multiple: int | None) -> None:
+        """`out` of dispatch: a result this dispatch may overwrite (the rest, with the tokens)."""
+        if not isinstance(out, DispatchResult):
+            raise TypeError(f"out: expected a DispatchResult of this Buffer, got {type(out).__name__}")
+        self._check_handle(out.handle, "out")
+        if grad:
+            raise ValueError("out: expected inputs that do not require grad; a dispatch into out= is not recorded "
+                             "for autograd")
+        h = out.handle
+        if capacity is None or h.num_recv is not None or h.weights_node is not None:
+            raise ValueError(f"out: expected capacity=N and the result of a non-blocking dispatch not recorded for "
+                             f"autograd, got capacity={capacity} and the result of a "
+                             f"{'default-mode' if h.num_recv is not None else 'recorded'} dispatch")
+        want, got = (capacity, layout, pad_multiple or 1), (h.capacity, h.layout, h.pad_multiple)
+        if want != got:
+            raise ValueError(f"out: expected a result with (capacity, layout, pad_multiple) = {want}, got {got}")
 
     def _operation(self, stream: Any, adapter: Adapter) -> Operation:
         """The operation's stream, and the same handle again if it is not the framework's
@@ -241,17 +277,21 @@ class Buffer:
 
     # ---- combine ----------------------------------------------------------------
 
-    def combine(self, y: Any, handle: Handle, stream: Any = None) -> Any:
+    def combine(self, y: Any, handle: Handle, stream: Any = None, *, out: Any = None) -> Any:
         """Bring expert outputs back, as bf16 [T, hidden], accumulated in fp32 in a fixed order.
         Token layout: out[t] = sum over receiving ranks of their row for t. Expert layout:
         out[t] = sum_k w[t, k] * y[row(t, k)] (each rank sums its pairs of t in k order and
         rounds once to bf16; the source sums the ranks in rank order). Differentiable when y,
-        or the expert layout's weights, require grad."""
+        or the expert layout's weights, require grad. `out`: a bf16 [T, hidden] tensor to write
+        and return instead of a new one (not recorded for autograd)."""
         self._check_handle(handle, "handle")
         weights = handle.weights_node if handle.layout == "expert" else None
         if needs_grad(y, weights):
+            if out is not None:
+                raise ValueError("out: expected y (and the routed weights) not to require grad; a combine into "
+                                 "out= is not recorded for autograd")
             return autograd.combine(self, y, handle, stream)
-        return self.combine_raw(y, handle, stream, True, None)[0]
+        return self._combine(y, handle, stream, True, None, out)[0]
 
     def _check_handle(self, handle: Any, name: str) -> None:
         self._transport.check_error()
@@ -275,20 +315,33 @@ class Buffer:
         """combine without autograd. `weights` (expert layout): apply the pairs' weights, else 1.
         `scalars`: per-pair fp32 values to bring home with the rows ([rows] in the expert layout,
         [rows, K] in the token layout, entries of other ranks' experts ignored); their sum per
-        source pair comes back as the second result, [T, K] (else None)."""
+        source pair comes back as the second result, [T, K] (else None). `y` None (with
+        scalars): only the scalars move, and the first result is None."""
         self._check_handle(handle, "handle")
-        adapter = self._adapter("y", y, handle)
-        yv = self._tensor("y", y, "bf16", (handle.capacity, self.hidden), adapter.name, vectors=True, adapter=adapter)
-        sv = None
+        if y is None and scalars is None:
+            raise ValueError("y: expected a tensor, or scalars to bring home alone, got neither")
+        return self._combine(y, handle, stream, weights, scalars, None)
+
+    def _combine(self, y: Any, handle: Handle, stream: Any, weights: bool, scalars: Any,
+                 out: Any) -> tuple[Any, Any]:
+        """combine_raw once the handle is checked; into `out` when given."""
+        adapter = self._adapter("y", y if y is not None else scalars, handle)
+        yv = sv = ov = None
+        if y is not None:
+            yv = self._tensor("y", y, "bf16", (handle.capacity, self.hidden), adapter, vectors=True)
         if scalars is not None:
             self._require("autograd", "scalars")
             shape = (handle.capacity,) if handle.layout == "expert" else (handle.capacity, self.topk)
-            sv = self._tensor("scalars", scalars, "float32", shape, adapter.name, adapter=adapter)
+            sv = self._tensor("scalars", scalars, "float32", shape, adapter)
+        if out is not None:
+            ov = self._tensor("out", out, "bf16", (handle.num_tokens, self.hidden), adapter, vectors=True)
         op = self._operation(stream, adapter)
         use_device(self.device)
-        out, scalars_out, keep = self._transport.combine(op, yv, handle, handle.capacity, weights, sv)
-        self._retain(op.foreign_stream, [y, scalars, handle, *keep])
-        return out, scalars_out
+        result, scalars_out, keep = self._transport.combine(op, yv, handle, handle.capacity, weights, sv,
+                                                            None if ov is None else ov.tensor)
+        if op.foreign_stream is not None or self._retained:
+            self._retain(op.foreign_stream, [y, scalars, out, handle, *keep])
+        return result, scalars_out
 
     def restage(self, g: Any, handle: Handle, stream: Any = None) -> Any:
         """Move bf16 rows g [T, hidden] (one per source token, such as combine's output
@@ -298,11 +351,12 @@ class Buffer:
         self._check_handle(handle, "handle")
         self._require("autograd", "g")
         adapter = self._adapter("g", g, handle)
-        gv = self._tensor("g", g, "bf16", (handle.num_tokens, self.hidden), adapter.name, vectors=True, adapter=adapter)
+        gv = self._tensor("g", g, "bf16", (handle.num_tokens, self.hidden), adapter, vectors=True)
         op = self._operation(stream, adapter)
         use_device(self.device)
         out, keep = self._transport.restage(op, gv, handle)
-        self._retain(op.foreign_stream, [g, handle, *keep])
+        if op.foreign_stream is not None or self._retained:
+            self._retain(op.foreign_stream, [g, handle, *keep])
         return out
 
     # ---- teardown ---------------------------------------------------------------

@@ -8,8 +8,9 @@ Per token count and mode, the median over --iters calls after warm-up of
   synchronised), what a caller waits;
 - gpu: CUDA-event time from before dispatch to after combine on the stream.
 Modes: default (the host waits for the counts, exact-size outputs), capacity
-(capacity = T, never synchronises) and graph (the capacity-mode calls captured once in a
-CUDA graph and replayed: the GPU floor, no host work). Also `host_us`: the host's own time
+(capacity = T, never synchronises), reuse (capacity mode, each call writing the previous
+call's outputs again through `out=`: no allocation) and graph (the capacity-mode calls
+captured once in a CUDA graph and replayed: the GPU floor, no host work). Also `host_us`: the host's own time
 per call of each mode, from --iters calls issued back to back without synchronising.
 """
 
@@ -90,12 +91,18 @@ def main() -> None:
             r = buf.dispatch(x, idx, w, capacity=T)
             buf.combine(r.recv_x, r.handle)
 
-        capacity()
+        kept = buf.dispatch(x, idx, w, capacity=T)
+        out = buf.combine(kept.recv_x, kept.handle)
+
+        def reuse() -> None:  # capacity mode into the outputs of the call before: no allocation
+            buf.dispatch(x, idx, w, capacity=T, out=kept)
+            buf.combine(kept.recv_x, kept.handle, out=out)
+
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             capacity()
-        for mode, step in (("default", default), ("capacity", capacity), ("graph", graph.replay)):
+        for mode, step in (("default", default), ("capacity", capacity), ("reuse", reuse), ("graph", graph.replay)):
             wall, gpu = measure(step, args.iters, args.warmup)
             host = host_time(step, args.iters, args.warmup)
             rows.append(dict(tokens=T, mode=mode, wall_us=round(wall, 1), gpu_us=round(gpu, 1), host_us=round(host, 1)))

@@ -8,11 +8,13 @@
 //           pushing warp has some), each flagged in s's combine_ready when in place. Waits
 //           first until every source has reduced the previous combine. Rows that r dropped
 //           for its capacity in dispatch are written as zeros, so they add nothing, and
-//           their number goes to s's combine_dropped[r], which s reports (status word 3).
+//           their number (in the expert layout, of pairs dropped) is added to s's
+//           combine_dropped[r], which s reports (status word 3).
 //           Expert layout: the row pushed for token row j is sum_k w_k * y[pair_rows[j, k]]
 //           over j's pairs on r (fp32, k order, rounded to bf16 once), so the pairs of a
 //           token cross NVLink as one row. With scalars, each row also carries K fp32 values
-//           (a gradient per pair), summed over ranks into scalars_out [T, K].
+//           (a gradient per pair), summed over ranks into scalars_out [T, K]; without y (and
+//           out), only they move (the weights' gradient of an fp8 dispatch).
 //   reduce  on source s: out[t] = sum over r with token_slot[t, r] >= 0 of
 //           combine[r][token_slot[t, r]], accumulated in fp32, once the chunks holding
 //           those rows are flagged. Warps take tokens in order from a queue, so the reduce
@@ -68,7 +70,8 @@ __device__ __forceinline__ void push_row(int4* to, const CombineArgs& a, int j, 
 
 // Push this warp's share of the rows: every chunk that holds slots of its source gets its
 // flag. Rows past `total` (dropped by a too-small capacity; y has no row for them) are
-// pushed as zeros, and the chunk's flag also carries the count of its source's dropped rows.
+// pushed as zeros; their count and that of the rows' dropped pairs is added to the source's
+// combine_dropped before the chunk's flag.
 template <int HIDDEN, int NUM_RANKS, int TOPK>
 __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offsets, int total,
                                           const uint64_t* __restrict__ peers, const SymLayout& L, int rank,
@@ -83,11 +86,16 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
         const int64_t first_slot = static_cast<int64_t>(rank) * L.max_tokens + (begin - offsets[dst]);
         int4* to = sym_ptr<int4>(peers[dst], L.combine) + first_slot * kVecs;
         float* scalars = sym_ptr<float>(peers[dst], L.combine_scalars) + first_slot * TOPK;
+        int lost_pairs = 0;  // expert layout: pairs of these rows this rank dropped for its capacity
         for (int j = begin; j < stop; ++j, to += kVecs, scalars += TOPK) {
-            if (j < end)
-                push_row<HIDDEN, TOPK>(to, a, j, lane);
-            else
+            if (j < end) {
+                if (a.y != nullptr) push_row<HIDDEN, TOPK>(to, a, j, lane);
+                if (a.pair_rows != nullptr)
+                    lost_pairs += __popc(__ballot_sync(
+                        0xffffffffu, lane < TOPK && a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] == kDroppedPair));
+            } else if (a.y != nullptr) {
                 for (int v = lane; v < kVecs; v += kWarpSize) st_stream(to + v, make_int4(0, 0, 0, 0));
+            }
             if (a.scalars_out != nullptr && lane < TOPK) {
                 const int pair_row = a.pair_rows != nullptr && j < end ? a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] : -1;
                 scalars[lane] = j < end ? pair_scalar(a, j, lane, pair_row, TOPK) : 0.0f;
@@ -95,8 +103,8 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
         }
         __syncwarp();  // orders every lane's stores before lane 0's release (a fence per lane: 2 % slower)
         if (lane == 0) {
-            if (stop > end)
-                sym_ptr<int>(peers[dst], L.combine_dropped)[rank] = offsets[dst + 1] - max(offsets[dst], total);
+            const int dropped = stop - max(begin, end) + lost_pairs;  // rows past `total`, and pairs
+            if (dropped != 0) atomicAdd_system(sym_ptr<int>(peers[dst], L.combine_dropped) + rank, dropped);
             st_release_sys(chunk_flag(peers[dst], L, rank, c / NUM_RANKS), want);
         }
     }
@@ -153,8 +161,9 @@ __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, float* __r
                 const int slot = slots[r];
                 from[r] = slot < 0 ? nullptr : rows + (static_cast<int64_t>(r) * L.max_tokens + slot) * kVecs;
             }
-            warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from,
-                                            lane);
+            if (out != nullptr)
+                warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from,
+                                                lane);
             if (scalars_out != nullptr && lane < TOPK) {  // in rank order, like the rows
                 const float* values = sym_ptr<const float>(my_base, L.combine_scalars);
                 float sum = 0.0f;

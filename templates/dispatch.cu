@@ -301,7 +301,8 @@ __device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
                     dest = a.pair_rows[static_cast<int64_t>(j) * TOPK + lane];
                 } else {
                     dest = hit ? a.expert_base[src * kLocal + local] + sym_ptr<const int>(base, L.stage_pos)[t * TOPK + lane] : -1;
-                    dest = dest < capacity ? dest : -1;  // past the capacity: dropped (reported above)
+                    // past the capacity: dropped (reported above, and by the source at combine)
+                    dest = dest < capacity ? dest : kDroppedPair;
                     a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] = dest;
                 }
             }

@@ -13,6 +13,7 @@ constexpr int kCombineChunkRows = 8;    // combine flags its pushes per this man
 constexpr int kMaxRanks = 64;           // the mailbox's and the workspace's room
 constexpr int kMaxLocalExperts = 1024;
 constexpr int kStatusWords = 4;
+constexpr int kDroppedPair = -2;        // pair_rows entry of a pair dropped for the capacity (-1: none)
 
 // Flag words per peer in the symmetric buffer: slot [kind][p] is written by peer p.
 enum FlagKind : int {

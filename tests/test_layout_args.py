@@ -102,3 +102,26 @@ def test_warming_covers_every_template_a_buffer_can_fetch():
 def test_layout_paths_compile_at_their_extremes(template, shape):
     """Most local experts (the pair ranking's shared memory), most ranks at top-1, fp8 top-8."""
     compile_source(render(KernelSpec(template, *shape, "ab" * 32, "sm_90a")), "test")
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    (dict(out=("not", "a result")), TypeError, "out: expected a DispatchResult of this Buffer, got tuple"),
+])
+def test_dispatch_out_is_checked_first(kwargs, error, needle):
+    x = torch.zeros(4, 8)
+    with pytest.raises(error, match=needle):
+        _buffer("nvlink").dispatch(x, None, None, capacity=4, **kwargs)
+
+
+def test_out_is_never_recorded_for_autograd():
+    buf = _buffer("nvlink")
+    buf.id, buf._transport = 7, NVLinkTransport.__new__(NVLinkTransport)
+    buf._transport.closed = False
+    buf._transport.mailbox = type("Mailbox", (), {"status": [0]})()
+    handle = base.Handle(7, "torch", 4, None, None, 4, None, None)
+    result = base.DispatchResult(None, None, None, None, None, handle)
+    x = torch.zeros(4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="out: expected inputs that do not require grad"):
+        buf.dispatch(x, None, None, capacity=4, out=result)
+    with pytest.raises(ValueError, match="out: expected y .* not to require grad"):
+        buf.combine(x, handle, out=torch.zeros(4, 8))

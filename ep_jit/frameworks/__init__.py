@@ -52,9 +52,16 @@ _MODULES = {"torch": ("torch", "TorchAdapter"), "cupy": ("cupy", "CupyAdapter"),
 _adapters: dict[str, Adapter] = {}
 
 
+_framework_of_type: dict[type, str] = {}
+
+
 def framework_of(obj: Any) -> str:
     """The top-level module of obj's type: "torch", "paddle", "cupy", or anything else."""
-    return type(obj).__module__.split(".")[0]
+    kind = type(obj)
+    name = _framework_of_type.get(kind)
+    if name is None:
+        name = _framework_of_type[kind] = kind.__module__.split(".")[0]
+    return name
 
 
 def adapter_for(x: Any) -> Adapter:

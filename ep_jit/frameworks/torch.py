@@ -45,8 +45,8 @@ class TorchAdapter(AdapterBase):
         return t.is_contiguous()
 
     def describe(self, t: torch.Tensor) -> TensorView:  # every operation's checks: one call, not five
-        return TensorView(t.data_ptr(), tuple(t.shape), _DTYPES.get(t.dtype) or self.dtype(t), t.get_device(),
-                          t.is_contiguous(), "torch", t)
+        return TensorView(t.data_ptr(), t.shape, _DTYPES.get(t.dtype) or self.dtype(t), t.get_device(),
+                          t.is_contiguous(), "torch", t)  # torch.Size is a tuple
 
     def current_stream(self, device: int) -> int:
         return _raw_stream(device)

@@ -84,7 +84,9 @@ class CollectiveTransport:
     # ---- dispatch ---------------------------------------------------------------
 
     def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any,
-                 capacity: int | None, pad_multiple: int | None = None) -> tuple[DispatchResult, list]:
+                 capacity: int | None, pad_multiple: int | None = None, out: DispatchResult | None = None
+                 ) -> tuple[DispatchResult, list]:
+        # out= needs a capacity, which check_operation refused: every result is new here
         (T, H), K, R, E = x.shape, self.topk, self.group.size, self.num_experts
         a, s, dev, rank, k = op.adapter, op.stream, self.device, self.group.rank, self.kernels
 
@@ -149,11 +151,12 @@ class CollectiveTransport:
     # ---- combine ----------------------------------------------------------------
 
     def combine(self, op: Operation, y: Any, handle: Handle, rows: int, weights: bool = True,
-                scalars: Any = None) -> tuple[Any, Any, list]:
+                scalars: Any = None, out: Any = None) -> tuple[Any, Any, list]:
         sent: Sent = handle.transport
         back = op.empty((sum(sent.sent_to), self.hidden), "bf16", self.device)
         op.adapter.all_to_all(self.framework_group, back, y.tensor, sent.sent_to, handle.recv_from, op.foreign_stream)
-        out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
+        if out is None:
+            out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
         self.kernels.sum.launch(op.stream, self.num_sms, SumArgs(
             returned=op.ptr(back), token_slot=handle.arrays.ptr["token_slot"],
             send_offsets=handle.arrays.ptr["send_offsets"],

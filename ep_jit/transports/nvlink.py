@@ -24,14 +24,18 @@ from .base import (ITEM_SIZES, ArrayLayout, Arrays, DispatchResult, Handle, Oper
                    bad_topk_message, next_ticket, wait_for_ticket)
 
 
-@dataclass
+@dataclass(slots=True)
 class PairLayout:
     """The NVLink transport's part of a handle: where each received token row came from and,
-    in the expert layout, where each of its pairs went (in the handle's arrays)."""
+    in the expert layout, where each of its pairs went (in the handle's arrays), and the
+    kernels' arguments, packed once: a restage, a dispatch into the same outputs and every
+    combine of the handle change only their own tensors."""
 
     expert_offsets: Any    # [E/R + 1] int32: segment starts (expert layout)
     expert_counts: Any     # [E/R] int32: pairs per local expert
     token_rows: int        # received token rows (default mode), else the most that can arrive
+    args: DispatchArgs     # the dispatch's
+    combine_args: CombineArgs | None = None  # made at the first combine
 
 
 def segment_offsets(per_expert: list[int], pad_multiple: int) -> list[int]:
@@ -83,9 +87,9 @@ class NVLinkTransport:
         # what every kernel shares, set once; each operation fills in only its tensors
         peers = Peers(bases=self.sym.peer_table, layout=self.layout, ws=int(self._workspace), mailbox=mailbox_dev,
                       timeout_ns=int(setup.timeout_s * 1e9), rank=self.group.rank)
-        # the fused dispatch's struct holds the send and pull structs: filling them fills it
+        # templates of every operation's arguments
         self._dispatch = DispatchArgs(send=SendArgs(peers=peers), pull=PullArgs(peers=peers))
-        self._send, self._pull, self._combine = self._dispatch.send, self._dispatch.pull, CombineArgs(peers=peers)
+        self._combine = CombineArgs(peers=peers)
         self._tickets = 0  # host-side id of each default-mode dispatch, echoed by the count exchange
         self._stale_status: set[int] = set()  # device status words to clear on the next operation's stream
         self._unraised_nonblocking = False
@@ -132,8 +136,8 @@ class NVLinkTransport:
         if lost:
             self._clear_status(3)
             raise ValueError(f"capacity: a peer's capacity was too small for an earlier non-blocking dispatch: "
-                             f"{lost} rows of this rank's tokens were dropped there, and combine's output holds "
-                             "only the contributions that were kept")
+                             f"{lost} rows (token layout) or pairs (expert layout) of this rank's tokens were "
+                             "dropped there, and combine's output holds only the contributions that were kept")
 
     def _raise_bad_topk(self, topk_idx: Any) -> None:
         """`topk_idx`: this default-mode dispatch's ids, or None when the report may come
@@ -171,34 +175,42 @@ class NVLinkTransport:
     # ---- dispatch ---------------------------------------------------------------
 
     def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any,
-                 capacity: int | None, pad_multiple: int | None = None) -> tuple[DispatchResult, list]:
+                 capacity: int | None, pad_multiple: int | None = None, out: DispatchResult | None = None
+                 ) -> tuple[DispatchResult, list]:
         (T, H), K, R, local = x.shape, self.topk, self.group.size, self.num_experts // self.group.size
         fp8, dev, expert = scales is not None, self.device, pad_multiple is not None
+        # non-blocking and few tokens: send and pull in one launch, once the outputs exist
+        fused = capacity is not None and T <= self._fused_tokens
         self._begin(op)
-        a = self._send
         if capacity is None:
             self._tickets = next_ticket(self._tickets)
         else:
             self._unraised_nonblocking = True  # a bad id it finds is raised later, maybe by a default dispatch
+        if out is not None:  # the same shapes again: every output, array and argument but the inputs stays
+            args = out.handle.transport.args
+            self._set_inputs(args.send, x, topk_idx, topk_weights, scales)
+            if not fused:
+                self._launch_dispatch(op, args, SEND_PHASE)
+            self._launch_dispatch(op, args, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
+            return out, []
+        args = DispatchArgs.from_buffer_copy(self._dispatch)
+        a, pull = args.send, args.pull
         a.ticket = self._tickets if capacity is None else 0
         arrays = Arrays(op, dev, self._layouts.get((T, expert)) or self._array_layout(T, expert))
         ptr = arrays.ptr
         expert_counts = op.empty((local,), "int32", dev)
         expert_offsets = op.empty((local + 1,), "int32", dev) if expert else None
-        a.x, a.scales, a.topk_idx, a.topk_weights = x.ptr, scales.ptr if fp8 else 0, topk_idx.ptr, topk_weights.ptr
+        self._set_inputs(a, x, topk_idx, topk_weights, scales)
         a.is_token_in_rank, a.token_slot, a.num_tokens = ptr["is_token_in_rank"], ptr["token_slot"], T
         a.recv_offsets, a.sent_counts = ptr["recv_offsets"], ptr["sent_counts"]
         a.local_expert_counts = op.ptr(expert_counts)
         a.expert_offsets, a.expert_base = op.ptr(expert_offsets), ptr.get("expert_base", 0)
-        a.pad_multiple, a.restage = pad_multiple or 0, 0
-        # non-blocking and few tokens: send and pull in one launch, once the outputs exist
-        fused = capacity is not None and T <= self._fused_tokens
+        a.pad_multiple = pad_multiple or 0
         if not fused:  # R layout blocks (the last also exchanges the counts) beside the staging blocks
-            self._launch_dispatch(op, SEND_PHASE)
+            self._launch_dispatch(op, args, SEND_PHASE)
 
         num_recv = recv_from = per_expert = offsets_list = None
-        pull = self._pull
-        pull.recv_offsets, pull.restage = a.recv_offsets, 0
+        pull.recv_offsets = a.recv_offsets
         pull.expert_base, pull.expert_offsets, pull.expert_counts = a.expert_base, a.expert_offsets, a.local_expert_counts
         pull.recv_token, pull.pair_rows = ptr["recv_token"], ptr.get("pair_rows", 0)
         if capacity is None:
@@ -208,7 +220,7 @@ class NVLinkTransport:
                 # and advances the dispatch sequence, so the group stays usable
                 pull.recv_x = pull.recv_scales = pull.recv_idx = pull.recv_weights = pull.recv_token = 0
                 pull.pair_rows, pull.capacity, pull.token_rows = 0, -1, 0
-                self._launch_dispatch(op, PULL_PHASE)
+                self._launch_dispatch(op, args, PULL_PHASE)
                 self._raise_bad_topk(topk_idx)
             num_recv = self.mailbox.recv_total
             per_expert = list(self.mailbox.tokens_per_expert[:local])
@@ -221,11 +233,11 @@ class NVLinkTransport:
         recv_scales = op.empty((capacity, H // SCALE_BLOCK), "float32", dev) if fp8 else None
         pull.recv_x, pull.recv_scales, pull.recv_idx = op.ptr(recv_x), op.ptr(recv_scales), op.ptr(recv_idx)
         pull.recv_weights, pull.capacity, pull.token_rows = op.ptr(recv_w), capacity, token_rows
-        self._launch_dispatch(op, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
+        self._launch_dispatch(op, args, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
         if num_recv is not None:  # the rest of the counts, read once the pull is on its way
             recv_from = list(self.mailbox.recv_from[:R])
         handle = Handle(0, op.adapter.name, T, arrays, num_recv, capacity, recv_from, per_expert,
-                        transport=PairLayout(expert_offsets, expert_counts, token_rows),
+                        transport=PairLayout(expert_offsets, expert_counts, token_rows, args),
                         layout="expert" if expert else "token", pad_multiple=pad_multiple or 1,
                         recv_topk_idx=recv_idx, recv_weights=recv_w if expert else None,
                         expert_offsets_list=offsets_list)
@@ -235,6 +247,11 @@ class NVLinkTransport:
         else:
             result = DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle)
         return result, keep
+
+    @staticmethod
+    def _set_inputs(a: SendArgs, x: Any, topk_idx: Any, topk_weights: Any, scales: Any) -> None:
+        a.x, a.scales, a.topk_idx, a.topk_weights = x.ptr, scales.ptr if scales is not None else 0, topk_idx.ptr, \
+            topk_weights.ptr
 
     def _array_layout(self, T: int, expert: bool) -> ArrayLayout:
         """The kernels' own arrays of a dispatch of T tokens; token rows: the most that can
@@ -252,27 +269,22 @@ class NVLinkTransport:
         tokens of `handle`, along its saved layout: no count exchange. Rows outside the
         layout are zero."""
         self._begin(op)
-        pairs: PairLayout = handle.transport
-        ptr = handle.arrays.ptr
-        a = self._send
+        args = DispatchArgs.from_buffer_copy(handle.transport.args)  # the dispatch's layout, other rows
+        a, pull = args.send, args.pull
         a.ticket, a.restage, a.pad_multiple = 0, 1, 0
-        a.x, a.scales, a.topk_idx, a.topk_weights, a.num_tokens = g.ptr, 0, 0, 0, handle.num_tokens
-        self._launch_dispatch(op, SEND_PHASE)
+        a.x, a.scales, a.topk_idx, a.topk_weights = g.ptr, 0, 0, 0
+        self._launch_dispatch(op, args, SEND_PHASE)
         out = op.empty((handle.capacity, self.hidden), "bf16", self.device)
-        pull = self._pull
-        pull.recv_offsets, pull.restage, pull.recv_x, pull.capacity = ptr["recv_offsets"], 1, op.ptr(out), handle.capacity
-        pull.recv_token, pull.pair_rows, pull.token_rows = ptr["recv_token"], ptr.get("pair_rows", 0), pairs.token_rows
-        pull.expert_base, pull.expert_offsets = ptr.get("expert_base", 0), op.ptr(pairs.expert_offsets)
-        pull.expert_counts, pull.recv_scales, pull.recv_idx, pull.recv_weights = op.ptr(pairs.expert_counts), 0, 0, 0
-        self._launch_dispatch(op, PULL_PHASE)
+        pull.restage, pull.recv_x, pull.recv_scales, pull.recv_idx, pull.recv_weights = 1, op.ptr(out), 0, 0, 0
+        self._launch_dispatch(op, args, PULL_PHASE)
         return out, [out]
 
-    def _launch_dispatch(self, op: Operation, phases: int) -> None:
-        """dispatch_kernel for `phases`, with the send and pull structs as they are now."""
-        self._dispatch.phases = phases
+    def _launch_dispatch(self, op: Operation, args: DispatchArgs, phases: int) -> None:
+        """dispatch_kernel for `phases` with `args` as they are now (the launch copies them)."""
+        args.phases = phases
         both = phases == SEND_PHASE | PULL_PHASE  # then its blocks wait for each other
         kernel = self._resident_kernel("dispatch") if both else self.kernels.dispatch
-        kernel.launch(op.stream, self.num_sms, self._dispatch)
+        kernel.launch(op.stream, self.num_sms, args)
 
     def _wait_for_counts(self, ticket: int) -> None:
         """Wait on mapped host memory until the count exchange of `ticket` has landed. The
@@ -291,29 +303,40 @@ class NVLinkTransport:
     # ---- combine ----------------------------------------------------------------
 
     def combine(self, op: Operation, y: Any, handle: Handle, rows: int, weights: bool = True,
-                scalars: Any = None) -> tuple[Any, Any, list]:
-        """out [T, H] bf16; with `scalars` (per-pair fp32 values: [rows] in the expert layout,
-        [rows, K] in the token layout) also their sum over ranks per source pair, [T, K].
-        `weights`: expert layout, apply the pairs' weights (else 1)."""
+                scalars: Any = None, out: Any = None) -> tuple[Any, Any, list]:
+        """out [T, H] bf16 (into `out` when given; None without y); with `scalars` (per-pair fp32
+        values: [rows] in the expert layout, [rows, K] in the token layout) also their sum over
+        ranks per source pair, [T, K]. `weights`: expert layout, apply the pairs' weights (else 1)."""
         combine = self._resident_kernel("combine")
         self._begin(op)
-        pairs: PairLayout = handle.transport
         expert = handle.layout == "expert"
-        out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
-        scalars_out = op.empty((handle.num_tokens, self.topk), "float32", self.device) if scalars is not None else None
-        ptr = handle.arrays.ptr
-        a = self._combine
-        a.y, a.recv_offsets, a.out = y.ptr, ptr["recv_offsets"], op.ptr(out)
-        a.num_rows = pairs.token_rows if expert else rows
-        a.token_slot, a.sent_counts, a.num_tokens = ptr["token_slot"], ptr["sent_counts"], handle.num_tokens
-        a.pair_rows = ptr.get("pair_rows", 0)
+        a = handle.transport.combine_args or self._combine_args(handle, rows)
+        keep = []
+        if out is None and y is not None:
+            out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
+            keep.append(out)
+        scalars_out = None
+        if scalars is not None:
+            scalars_out = op.empty((handle.num_tokens, self.topk), "float32", self.device)
+            keep.append(scalars_out)
+        a.y, a.out = 0 if y is None else y.ptr, op.ptr(out)
         a.pair_weights = op.ptr(handle.recv_weights) if expert and weights else 0
         a.scalars = scalars.ptr if scalars is not None else 0
         a.recv_idx = op.ptr(handle.recv_topk_idx) if scalars is not None and not expert else 0
         a.scalars_out = op.ptr(scalars_out)
         # one block per SM of num_sms, all resident at once (checked at the first combine)
         combine.launch(op.stream, self.num_sms, a)
-        return out, scalars_out, [out, scalars_out]
+        return out, scalars_out, keep
+
+    def _combine_args(self, handle: Handle, rows: int) -> CombineArgs:
+        """The combine arguments every combine of `handle` shares, made at its first combine."""
+        pairs: PairLayout = handle.transport
+        ptr = handle.arrays.ptr
+        a = pairs.combine_args = CombineArgs.from_buffer_copy(self._combine)
+        a.recv_offsets, a.token_slot, a.sent_counts = ptr["recv_offsets"], ptr["token_slot"], ptr["sent_counts"]
+        a.num_rows = pairs.token_rows if handle.layout == "expert" else rows
+        a.num_tokens, a.pair_rows = handle.num_tokens, ptr.get("pair_rows", 0)
+        return a
 
     # ---- teardown ---------------------------------------------------------------
 

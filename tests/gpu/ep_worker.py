@@ -84,17 +84,31 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16) if t.element_size() == 2 else t
 
 
-def check_round(buf, data, E, H, dtype, stream=None, capacity=None) -> None:
+def poison_outputs(res, out) -> None:
+    """Poison every tensor a dispatch and combine into `out=` must write again."""
+    for t in (*res, res.handle.arrays.storage, out):  # the handle's arrays too: the kernels rewrite them
+        if isinstance(t, torch.Tensor):
+            t.view(torch.uint8).fill_(0xFF)
+
+
+def check_round(buf, data, E, H, dtype, stream=None, capacity=None, out=None) -> tuple:
+    """One dispatch and combine against the references; `out`: (result, combine output) of
+    an earlier round to write again (out=). Returns this round's (result, combine output)."""
     x, idx, w, sc = data[RANK]
     g = [t.to(DEV) if t is not None else None for t in (x, idx, w, sc)]
     poison()
+    if out is not None:
+        poison_outputs(*out)
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream())
     ctx = torch.cuda.stream(stream) if stream is not None else torch.cuda.stream(torch.cuda.current_stream())
     with ctx:
-        res = buf.dispatch(*g, stream=stream, capacity=capacity)
+        res = buf.dispatch(*g, stream=stream, capacity=capacity, out=out and out[0])
         y_dev = expert_output(res.recv_x, res.recv_scales, RANK)
-        out = buf.combine(y_dev, res.handle, stream=stream)
+        out_tensor = buf.combine(y_dev, res.handle, stream=stream, out=out and out[1])
+        if out is not None:
+            assert res is out[0] and out_tensor is out[1], "out= did not return its arguments"
+        out = out_tensor
     (stream or torch.cuda.current_stream()).synchronize()
     refs = [dispatch_reference([d[0] for d in data], [d[1] for d in data], [d[2] for d in data],
                                [d[3] for d in data] if dtype == "fp8_e4m3" else None, r, WORLD, E)
@@ -123,6 +137,7 @@ def check_round(buf, data, E, H, dtype, stream=None, capacity=None) -> None:
     tol = want.abs() * 2.0 ** -7 + 1e-30
     bad = ((got - want).abs() > tol) | got.isnan()
     assert not bool(bad.any()), f"combine differs at {int(bad.sum())} elements, max err {(got - want).abs().max()}"
+    return res, out
 
 
 SHAPES = [(2048, 8, 1), (2048, 8, 2), (2048, 64, 8), (7168, 64, 2), (7168, 256, 8), (2048, 256, 8)]
@@ -332,6 +347,21 @@ def suite_errors() -> int:
         except ImportError:
             pass
         buf.combine(y, res.handle)
+        kept = buf.dispatch(x, idx, w, capacity=64 * WORLD)  # out= takes only a result of the same shapes
+        n += expect(ValueError, "out: expected capacity=N and the result of a non-blocking dispatch",
+                    lambda: buf.dispatch(x, idx, w, capacity=64 * WORLD, out=res))
+        n += expect(ValueError, "out: expected a result with (capacity, layout, pad_multiple) = (64, 'token', 1), "
+                    f"got ({64 * WORLD}, 'token', 1)", lambda: buf.dispatch(x, idx, w, capacity=64, out=kept))
+        n += expect(ValueError, "out: expected the result of a dispatch of 31 torch tokens, got one of 32",
+                    lambda: buf.dispatch(x[:31], idx[:31], w[:31], capacity=64 * WORLD, out=kept))
+        n += expect(ValueError, "out: expected a handle from this Buffer",
+                    lambda: other.dispatch(x, idx, w, capacity=64 * WORLD, out=kept))
+        y = expert_output(kept.recv_x, None, RANK)
+        n += expect(ValueError, f"out: expected shape [32, {H}], got [31, {H}]", lambda: buf.combine(
+            y, kept.handle, out=torch.empty(31, H, device=DEV).bfloat16()))
+        n += expect(ValueError, "out: expected a 16-byte aligned address", lambda: buf.combine(
+            y, kept.handle, out=torch.empty(32 * H + 1, device=DEV).bfloat16()[1:].view(32, H)))
+        buf.combine(y, kept.handle)
         torch.cuda.synchronize()
     return n
 
@@ -469,7 +499,7 @@ def suite_capacity_drop() -> int:
             if n_here > capacity:
                 want_msgs.append(f"capacity: expected at least {n_here} rows")
             if lost:
-                want_msgs.append(f"{lost} rows of this rank's tokens were dropped there")
+                want_msgs.append(f"{lost} rows (token layout) or pairs (expert layout) of this rank's tokens were dropped there")
             assert len(messages) == len(want_msgs) and all(w in m for w, m in zip(want_msgs, messages)), \
                 f"capacity {capacity}: raise_pending said {messages}, expected {want_msgs}"
             check_round(buf, data, E, H, "bf16")  # the next default round is exact

@@ -16,6 +16,12 @@ def test_expert_layout_matches_reference(world):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 3])
+def test_expert_capacity_drop_is_reported_at_both_ends(world):
+    run_ranks("expert_drop", world, worker=WORKER)
+
+
+@pytest.mark.gpu
 def test_both_dispatch_paths_match_reference():
     """Non-blocking dispatch in one launch (few tokens) and in two, each forced."""
     run_ranks("paths", 2, worker=WORKER)
