@@ -64,10 +64,13 @@ def routed_weights(result: DispatchResult) -> Any:
 # ---- the one implementation ----------------------------------------------------------
 
 def dispatch_backward(engine: Engine, handle: Handle, stream: Any, grad_recv_x: Any,
-                      grad_weights: Any, want_x: bool) -> tuple[Any, Any]:
+                      grad_weights: Any, fp8: bool) -> tuple[Any, Any]:
     """grad_x [T, H] bf16 and grad_topk_weights [T, K] fp32 (None when no weight gradient came).
-    Without `want_x` (fp8 x, or x not requiring grad) only the weights' gradients move."""
-    rows = _contiguous(grad_recv_x) if want_x or grad_weights is None else None
+    After an fp8 dispatch (on every member, as the dtype is) x has no gradient: only the
+    weights' gradients move, and grad_x is None."""
+    if fp8 and grad_weights is None:  # nothing to bring home (the graph, so this, is the same everywhere)
+        return None, None
+    rows = None if fp8 else _contiguous(grad_recv_x)
     grad_x, grad_w = engine.combine_raw(rows, handle, stream, False, _contiguous(grad_weights))
     return grad_x, grad_w
 
@@ -99,14 +102,15 @@ def _torch_functions() -> tuple[type, type]:
         def forward(ctx, x, topk_weights, engine, call):
             result = _dispatch_call(engine, x, topk_weights, call)
             ctx.engine, ctx.handle, ctx.stream = engine, result.handle, call["stream"]
-            if x.dtype != torch.bfloat16:
+            ctx.fp8 = result.recv_scales is not None
+            if ctx.fp8:
                 ctx.mark_non_differentiable(result.recv_x)
             return result.recv_x, routed_weights(result)
 
         @staticmethod
         def backward(ctx, grad_recv_x, grad_weights):
             grad_x, grad_w = dispatch_backward(ctx.engine, ctx.handle, ctx.stream, grad_recv_x, grad_weights,
-                                               ctx.needs_input_grad[0])
+                                               ctx.fp8)
             return grad_x, grad_w, None, None
 
     class Combine(torch.autograd.Function):
@@ -136,13 +140,14 @@ def _paddle_functions() -> tuple[type, type]:
         def forward(ctx, x, topk_weights, engine, call):
             result = _dispatch_call(engine, x, topk_weights, call)
             ctx.engine, ctx.handle, ctx.stream = engine, result.handle, call["stream"]
+            ctx.fp8 = result.recv_scales is not None
             ctx.wants = (not x.stop_gradient, not topk_weights.stop_gradient)
             return result.recv_x, routed_weights(result)
 
         @staticmethod
         def backward(ctx, grad_recv_x, grad_weights):
             grad_x, grad_w = dispatch_backward(ctx.engine, ctx.handle, ctx.stream, grad_recv_x, grad_weights,
-                                               ctx.wants[0])
+                                               ctx.fp8)
             return tuple(g if want else None for g, want in zip((grad_x, grad_w), ctx.wants))
 
     class Combine(PyLayer):

@@ -168,7 +168,7 @@ class Buffer:
         Expert ids outside [-1, E) on any rank are found during the count exchange: every
         rank raises ValueError naming the rank and position, and no token moves.
         `capacity=N` (nvlink transport): never synchronises; outputs have N rows (token layout:
-        rows past the count are marked empty: ids -1, weights 0; expert layout: rows past the
+        rows past the count are zero, with ids -1 and weights 0; expert layout: rows past the
         last segment are zero) and the count is `handle.recv_offsets[R]` on the device.
         Sequence numbers live on the device, so dispatch and combine can be captured in a CUDA
         graph and replayed. The device records bad ids (they are skipped) and rows past the

@@ -13,8 +13,8 @@
 //           Expert layout: the row pushed for token row j is sum_k w_k * y[pair_rows[j, k]]
 //           over j's pairs on r (fp32, k order, rounded to bf16 once), so the pairs of a
 //           token cross NVLink as one row. With scalars, each row also carries K fp32 values
-//           (a gradient per pair), summed over ranks into scalars_out [T, K]; without y (and
-//           out), only they move (the weights' gradient of an fp8 dispatch).
+//           (a gradient per pair), summed over ranks into scalars_out [T, K]; with with_rows 0,
+//           only they move (the weights' gradient of an fp8 dispatch).
 //   reduce  on source s: out[t] = sum over r with token_slot[t, r] >= 0 of
 //           combine[r][token_slot[t, r]], accumulated in fp32, once the chunks holding
 //           those rows are flagged. Warps take tokens in order from a queue, so the reduce
@@ -89,11 +89,11 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
         int lost_pairs = 0;  // expert layout: pairs of these rows this rank dropped for its capacity
         for (int j = begin; j < stop; ++j, to += kVecs, scalars += TOPK) {
             if (j < end) {
-                if (a.y != nullptr) push_row<HIDDEN, TOPK>(to, a, j, lane);
+                if (a.with_rows) push_row<HIDDEN, TOPK>(to, a, j, lane);
                 if (a.pair_rows != nullptr)
                     lost_pairs += __popc(__ballot_sync(
                         0xffffffffu, lane < TOPK && a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] == kDroppedPair));
-            } else if (a.y != nullptr) {
+            } else if (a.with_rows) {
                 for (int v = lane; v < kVecs; v += kWarpSize) st_stream(to + v, make_int4(0, 0, 0, 0));
             }
             if (a.scalars_out != nullptr && lane < TOPK) {
@@ -112,7 +112,8 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
 
 // Reduce tokens taken from the queue until it is empty; false if a wait failed.
 template <int HIDDEN, int NUM_RANKS, int TOPK>
-__device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, float* __restrict__ scalars_out,
+__device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, bool with_rows,
+                                              float* __restrict__ scalars_out,
                                               const int* __restrict__ token_slot, const int* __restrict__ sent,
                                               int num_tokens, uint64_t my_base, const SymLayout& L, int* queue,
                                               uint64_t want, uint64_t timeout_ns, const Status& st, int lane) {
@@ -161,7 +162,7 @@ __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, float* __r
                 const int slot = slots[r];
                 from[r] = slot < 0 ? nullptr : rows + (static_cast<int64_t>(r) * L.max_tokens + slot) * kVecs;
             }
-            if (out != nullptr)
+            if (with_rows)
                 warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from,
                                                 lane);
             if (scalars_out != nullptr && lane < TOPK) {  // in rank order, like the rows
@@ -196,9 +197,9 @@ __global__ void __launch_bounds__(kCopyThreads) combine_kernel(const __grid_cons
     if (warp_in_block < kPushWarps)
         push_rows<HIDDEN, NUM_RANKS, TOPK>(a, offsets, min(offsets[NUM_RANKS], a.num_rows), peers, L, rank, want,
                                            blockIdx.x * kPushWarps + warp_in_block, gridDim.x * kPushWarps, lane);
-    reduce_tokens<HIDDEN, NUM_RANKS, TOPK>(static_cast<bf16*>(a.out), a.scalars_out, a.token_slot, a.sent_counts,
-                                           a.num_tokens, peers[rank], L, &ws->combine_queue, want, timeout_ns, st,
-                                           lane);
+    reduce_tokens<HIDDEN, NUM_RANKS, TOPK>(static_cast<bf16*>(a.out), a.with_rows != 0, a.scalars_out, a.token_slot,
+                                           a.sent_counts, a.num_tokens, peers[rank], L, &ws->combine_queue, want,
+                                           timeout_ns, st, lane);
     if (!last_block_arrives(&ws->combine_done, gridDim.x)) return;
     ws->combine_queue = 0;
     // every chunk has been acquired by some block, so what the pushers dropped is in place

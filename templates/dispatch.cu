@@ -337,16 +337,19 @@ __device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
         zero_outside_segments<kLocal, kScales, kFp8>(recv_x, row_vecs, restage ? nullptr : recv_weights,
                                                      scaled ? recv_scales : nullptr, a.expert_offsets, a.expert_counts,
                                                      capacity, warp, num_warps, lane);
-    } else if (restage) {  // gradient rows past the received count are zero
-        for (int j = total + warp; j < max(capacity, 0); j += num_warps)
+    } else {  // token layout: rows past the received count are zero (no NaN reaches a GEMM), ids -1
+        for (int j = total + warp; j < max(capacity, 0); j += num_warps) {
             for (int v = lane; v < row_vecs; v += kWarpSize)
                 st_stream(recv_x + static_cast<int64_t>(j) * row_vecs + v, make_int4(0, 0, 0, 0));
-    } else {
-        for (int64_t i = static_cast<int64_t>(total) * TOPK + blockIdx.x * blockDim.x + threadIdx.x;
-             i < static_cast<int64_t>(max(capacity, 0)) * TOPK; i += gridDim.x * blockDim.x) {
-            recv_idx[i] = -1;
-            recv_weights[i] = 0.0f;
+            if (scaled)
+                for (int i = lane; i < kScales; i += kWarpSize) recv_scales[static_cast<int64_t>(j) * kScales + i] = 0.0f;
         }
+        if (!restage)
+            for (int64_t i = static_cast<int64_t>(total) * TOPK + blockIdx.x * blockDim.x + threadIdx.x;
+                 i < static_cast<int64_t>(max(capacity, 0)) * TOPK; i += gridDim.x * blockDim.x) {
+                recv_idx[i] = -1;
+                recv_weights[i] = 0.0f;
+            }
     }
     grid_done_post<NUM_RANKS>(&ws->pull_done, gridDim.x, peers, L, kStageConsumed, rank, want, st, &ws->seqs.dispatch,
                               seq);

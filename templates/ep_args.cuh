@@ -160,6 +160,7 @@ struct CombineArgs {         // combine_kernel (NVLink)
     float* scalars_out;          // [num_tokens, K]: sum over ranks of the pairs' scalars; null: none
     int32_t num_rows;
     int32_t num_tokens;
+    int32_t with_rows;           // 0: the scalars alone move (y and out unused), the same on every member
 };
 
 struct CountArgs {           // count_kernel (collective transport)

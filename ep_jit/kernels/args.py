@@ -85,7 +85,7 @@ class CombineArgs(Structure):
     _fields_ = [("peers", Peers), ("y", P), ("recv_offsets", P), ("out", P), ("token_slot", P), ("sent_counts", P),
                 ("pair_rows", P),
                 ("pair_weights", P), ("scalars", P), ("recv_idx", P), ("scalars_out", P), ("num_rows", c_int32),
-                ("num_tokens", c_int32)]
+                ("num_tokens", c_int32), ("with_rows", c_int32)]
 
 
 class CountArgs(Structure):

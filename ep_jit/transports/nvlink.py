@@ -319,7 +319,7 @@ class NVLinkTransport:
         if scalars is not None:
             scalars_out = op.empty((handle.num_tokens, self.topk), "float32", self.device)
             keep.append(scalars_out)
-        a.y, a.out = 0 if y is None else y.ptr, op.ptr(out)
+        a.y, a.out, a.with_rows = (0, 0, 0) if y is None else (y.ptr, op.ptr(out), 1)
         a.pair_weights = op.ptr(handle.recv_weights) if expert and weights else 0
         a.scalars = scalars.ptr if scalars is not None else 0
         a.recv_idx = op.ptr(handle.recv_topk_idx) if scalars is not None and not expert else 0

@@ -130,6 +130,9 @@ def check_round(buf, data, E, H, dtype, stream=None, capacity=None, out=None) ->
     else:
         assert res.recv_x.shape[0] == capacity
         assert bool((res.recv_topk_idx[n:] == -1).all()) and bool((res.recv_topk_weights[n:] == 0).all())
+        assert not bool(res.recv_x[n:].view(torch.uint8).any()), "recv_x rows past the count are not zero"
+        if dtype == "fp8_e4m3":
+            assert not bool(res.recv_scales[n:].any()), "recv_scales rows past the count are not zero"
     ys = [expert_output(refs[r]["x"], refs[r]["scales"], r) for r in range(WORLD)]
     want = combine_reference(x.shape[0], H, refs, ys, RANK)
     got = out.float().cpu()
