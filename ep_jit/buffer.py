@@ -245,7 +245,7 @@ class Buffer:
         """`out` of dispatch: a result this dispatch may overwrite (the rest, with the tokens)."""
         if not isinstance(out, DispatchResult):
             raise TypeError(f"out: expected a DispatchResult of this Buffer, got {type(out).__name__}")
-        self._check_handle(out.handle, "out")
+        self._check_owner(out.handle, "out")
         if grad:
             raise ValueError("out: expected inputs that do not require grad; a dispatch into out= is not recorded "
                              "for autograd")
@@ -295,6 +295,9 @@ class Buffer:
 
     def _check_handle(self, handle: Any, name: str) -> None:
         self._transport.check_error()
+        self._check_owner(handle, name)
+
+    def _check_owner(self, handle: Any, name: str) -> None:
         if not isinstance(handle, Handle) or handle.buffer_id != self.id:
             raise ValueError(f"{name}: expected a handle from this Buffer (id {self.id}), got "
                              f"{getattr(handle, 'buffer_id', type(handle).__name__)}")

@@ -46,11 +46,19 @@ def primary_context(device: int) -> driver.CUcontext:
     return check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
 
 
+@functools.cache
+def _context_address(device: int) -> int:
+    return int(primary_context(device))
+
+
 def use_device(device: int) -> None:
-    """Make the device's primary context current on this thread (cheap if it already is)."""
-    ctx = primary_context(device)
-    if int(check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) != int(ctx):
-        check(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    """Make the device's primary context current on this thread (cheap if it already is:
+    every operation calls it)."""
+    err, current = driver.cuCtxGetCurrent()
+    if err != _SUCCESS:
+        check((err,), "cuCtxGetCurrent")
+    if int(current) != _context_address(device):
+        check(driver.cuCtxSetCurrent(primary_context(device)), "cuCtxSetCurrent")
 
 
 def quiesce(device: int) -> bool:
