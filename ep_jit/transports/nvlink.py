@@ -83,6 +83,7 @@ class NVLinkTransport:
                   "cuMemsetD8Async(workspace)")
         self._host_mailbox, mailbox_dev = mapped_host_memory(ctypes.sizeof(Mailbox), "mailbox")
         self.mailbox = Mailbox.from_address(self._host_mailbox)
+        self._status = self.mailbox.status  # the status words' view, read by every operation
         self._finalizer = weakref.finalize(self, _free, self.device, self._workspace, self._host_mailbox)
         # what every kernel shares, set once; each operation fills in only its tensors
         peers = Peers(bases=self.sym.peer_table, layout=self.layout, ws=int(self._workspace), mailbox=mailbox_dev,
@@ -117,7 +118,7 @@ class NVLinkTransport:
         """Raise if a kernel gave up waiting for a peer."""
         if self.closed:
             raise EPJitError("Buffer: it is closed")
-        error = self.mailbox.status[0]
+        error = self._status[0]
         if error:
             phase, peer = error >> 16, (error & 0xFFFF) - 1
             self.close(wait_for_peers=False)  # the group is broken: free what no peer can reach
@@ -126,7 +127,7 @@ class NVLinkTransport:
 
     def raise_pending(self) -> None:
         self.check_error()
-        overflow, lost = self.mailbox.status[2], self.mailbox.status[3]
+        overflow, lost = self._status[2], self._status[3]
         if self.mailbox.bad_source:
             self._raise_bad_topk(None)
         if overflow:
@@ -160,7 +161,7 @@ class NVLinkTransport:
     def _clear_status(self, word: int) -> None:
         """Clear the host copy now and the device copy first thing on the next operation's
         stream, so it is ordered before that operation's kernels."""
-        self.mailbox.status[word] = 0
+        self._status[word] = 0
         self._stale_status.add(word)
 
     def _begin(self, op: Operation) -> None:
@@ -291,7 +292,7 @@ class NVLinkTransport:
         device gives up on its own after timeout_s per wait (two: the previous stage, then
         the counts), counted from when the send kernel starts; this is the backstop."""
         def poll() -> None:
-            if self.mailbox.status[0]:
+            if self._status[0]:
                 self.check_error()
         limit = 2 * self.timeout_s + 1.0
         if not wait_for_ticket(self._host_mailbox, ticket, limit, poll,
