@@ -136,11 +136,6 @@ class AdapterBase:
                           self.name, t)
 
 
-def view(t: Any, adapter: Adapter | None = None) -> TensorView:
-    """The view of any torch, cupy or paddle tensor (TypeError for anything else)."""
-    return (adapter or adapter_for(t)).describe(t)
-
-
 class BoundGroup(NamedTuple):
     """A process group as a Buffer uses it."""
 
