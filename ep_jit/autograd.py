@@ -35,6 +35,14 @@ def _cast(t: Any, dtype: str) -> Any:
     return t.astype({"float32": "float32", "bf16": "bfloat16"}[dtype])
 
 
+def _zeros_f32(like: Any) -> Any:
+    if framework_of(like) == "torch":
+        import torch
+        return torch.zeros_like(like, dtype=torch.float32)
+    import paddle
+    return paddle.zeros_like(like, dtype="float32")
+
+
 def _contiguous(t: Any) -> Any:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
@@ -68,8 +76,8 @@ def dispatch_backward(engine: Engine, handle: Handle, stream: Any, grad_recv_x: 
     """grad_x [T, H] bf16 and grad_topk_weights [T, K] fp32 (None when no weight gradient came).
     After an fp8 dispatch (on every member, as the dtype is) x has no gradient: only the
     weights' gradients move, and grad_x is None."""
-    if fp8 and grad_weights is None:  # nothing to bring home (the graph, so this, is the same everywhere)
-        return None, None
+    if fp8 and grad_weights is None:  # still collective: zeros, so every member runs the same combine
+        grad_weights = _zeros_f32(handle.recv_weights if handle.layout == "expert" else handle.recv_topk_idx)
     rows = None if fp8 else _contiguous(grad_recv_x)
     grad_x, grad_w = engine.combine_raw(rows, handle, stream, False, _contiguous(grad_weights))
     return grad_x, grad_w
@@ -186,7 +194,7 @@ def dispatch(engine: Engine, x: Any, topk_idx: Any, topk_weights: Any, scales: A
                 pad_multiple=pad_multiple)
     recv_x, weights = _functions(framework_of(x))[0].apply(x, topk_weights, engine, call)
     result: DispatchResult = call["result"]
-    result.handle.weights_node = weights
+    result.handle.weights_node, result.handle.recorded = weights, True
     if layout == "expert":
         return result._replace(recv_x=recv_x, recv_weights=weights)
     return result._replace(recv_x=recv_x, recv_topk_weights=weights)
@@ -198,4 +206,5 @@ def combine(engine: Engine, y: Any, handle: Handle, stream: Any) -> Any:
     weights = handle.weights_node if handle.layout == "expert" else None
     if weights is None and handle.layout == "expert":
         weights = handle.recv_weights
+    handle.recorded = True
     return _functions(framework_of(y))[1].apply(y, weights, engine, handle, stream)

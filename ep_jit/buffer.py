@@ -250,10 +250,13 @@ class Buffer:
             raise ValueError("out: expected inputs that do not require grad; a dispatch into out= is not recorded "
                              "for autograd")
         h = out.handle
-        if capacity is None or h.num_recv is not None or h.weights_node is not None:
-            raise ValueError(f"out: expected capacity=N and the result of a non-blocking dispatch not recorded for "
-                             f"autograd, got capacity={capacity} and the result of a "
-                             f"{'default-mode' if h.num_recv is not None else 'recorded'} dispatch")
+        if capacity is None:
+            raise ValueError("out: expected capacity=N with out= (outputs of a fixed size), got capacity=None")
+        if h.num_recv is not None:
+            raise ValueError("out: expected the result of a non-blocking dispatch, got one of a default-mode dispatch")
+        if h.recorded:
+            raise ValueError("out: expected a result whose handle autograd does not hold (a backward pass will read "
+                             "it), got one recorded by a dispatch or combine")
         want, got = (capacity, layout, pad_multiple or 1), (h.capacity, h.layout, h.pad_multiple)
         if want != got:
             raise ValueError(f"out: expected a result with (capacity, layout, pad_multiple) = {want}, got {got}")
@@ -328,7 +331,7 @@ class Buffer:
     def _combine(self, y: Any, handle: Handle, stream: Any, weights: bool, scalars: Any,
                  out: Any) -> tuple[Any, Any]:
         """combine_raw once the handle is checked; into `out` when given."""
-        adapter = self._adapter("y", y if y is not None else scalars, handle)
+        adapter = self._adapter("y" if y is not None else "scalars", y if y is not None else scalars, handle)
         yv = sv = ov = None
         if y is not None:
             yv = self._tensor("y", y, "bf16", (handle.capacity, self.hidden), adapter, vectors=True)

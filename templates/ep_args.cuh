@@ -131,7 +131,8 @@ struct PullArgs {            // dispatch_kernel's pull phase (on the destination
     float* recv_weights;         // [capacity, K]
     const int32_t* recv_offsets; // [R + 1]
     int32_t* recv_token;         // [token_rows]: source token of each received token row (read when restaging)
-    int32_t* pair_rows;          // [token_rows, K]: row of each pair in the expert layout, -1: none; null: token layout
+    int32_t* pair_rows;          // [token_rows, K]: row of each pair in the expert layout, -1: none,
+                                 // kDroppedPair: past the capacity; null: token layout
     const int32_t* expert_base;  // [R][E/R], expert layout
     const int32_t* expert_offsets;  // [E/R + 1], expert layout
     const int32_t* expert_counts;   // [E/R], expert layout
@@ -153,7 +154,7 @@ struct CombineArgs {         // combine_kernel (NVLink)
     void* out;                   // bf16 [num_tokens, H]
     const int32_t* token_slot;   // [num_tokens, R], from dispatch
     const int32_t* sent_counts;  // [R], from dispatch
-    const int32_t* pair_rows;    // [num_rows, K]: expert layout (y rows of each token row's pairs), else null
+    const int32_t* pair_rows;    // [num_rows, K]: expert layout (y rows of each token row's pairs, < 0: none), else null
     const float* pair_weights;   // [rows of y]: expert layout weights; null: 1
     const float* scalars;        // per-pair values to bring back: [rows of y] (expert) or [num_rows, K] (token)
     const int64_t* recv_idx;     // [num_rows, K], token layout with scalars: which entries are this rank's

@@ -14,8 +14,8 @@ class ReferenceEngine:
     """dispatch_raw / combine_raw / restage of one member, in paddle on the CPU: token layout
     (one row per token that picks an expert) or expert layout (one row per pair, padded)."""
 
-    def __init__(self, num_experts: int):
-        self.E = num_experts
+    def __init__(self, num_experts: int, fp8: bool = False):
+        self.E, self.fp8 = num_experts, fp8  # fp8: results carry (dummy) scales, as an fp8 dispatch's do
 
     def dispatch_raw(self, x, topk_idx, topk_weights, scales, stream, capacity, layout, pad_multiple):
         idx, T, K = topk_idx.numpy(), x.shape[0], topk_idx.shape[1]
@@ -26,7 +26,7 @@ class ReferenceEngine:
             h.recv_topk_idx = paddle.to_tensor(idx[h.rows_of])
             rows = paddle.to_tensor(h.rows_of, dtype="int64")
             recv_w = paddle.where(h.recv_topk_idx >= 0, topk_weights.detach()[rows], paddle.zeros([1]))
-            return DispatchResult(x.detach()[rows], h.recv_topk_idx, recv_w, None, None, h)
+            return DispatchResult(x.detach()[rows], h.recv_topk_idx, recv_w, self._scales(h), None, h)
         h.pairs, offsets = [], [0]
         for e in range(self.E):
             found = [(t, k) for t in range(T) for k in range(K) if idx[t, k] == e]
@@ -38,9 +38,13 @@ class ReferenceEngine:
         for row, t, k in h.pairs:
             recv_x[row], recv_w[row] = x.detach()[t], topk_weights.detach()[t, k]
         h.recv_weights = recv_w
-        return DispatchResult(recv_x, None, None, None, None, h, recv_w, paddle.to_tensor(offsets))
+        return DispatchResult(recv_x, None, None, self._scales(h), None, h, recv_w, paddle.to_tensor(offsets))
+
+    def _scales(self, h):
+        return paddle.ones([h.capacity, 1]) if self.fp8 else None
 
     def combine_raw(self, y, h, stream, weights, scalars):
+        self.rows_moved = y is not None
         rows = y if y is not None else paddle.zeros([h.capacity, 1], dtype="bfloat16")  # None: the scalars alone
         out = paddle.zeros([h.num_tokens, rows.shape[1]], dtype="float32")
         gw = paddle.zeros([h.num_tokens, h.recv_topk_idx.shape[1] if h.layout == "token" else 2], dtype="float32")
@@ -75,10 +79,11 @@ def dense(x, idx, w, W, g):
 @pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("layout, pad", [("expert", 4), ("expert", 1), ("token", None)])
 def test_pylayer_backward_matches_dense_autograd(layout, pad, x_grad):
-    """x_grad False: the weights alone want a gradient (as with fp8 x), and only they move."""
+    """x_grad False: the weights alone want a gradient, as after an fp8 dispatch, and only
+    they move (the engine's results carry scales, as an fp8 dispatch's do)."""
     paddle.seed(0)
     T, H, E, K = 6, 16, 4, 2
-    engine = ReferenceEngine(E)
+    engine = ReferenceEngine(E, fp8=not x_grad)
     x0 = paddle.randn([T, H]).astype("bfloat16").astype("float32")
     idx = paddle.to_tensor([[0, 1], [2, 2], [3, -1], [1, 0], [-1, -1], [2, 3]], dtype="int64")
     w0, W, g = paddle.rand([T, K]), paddle.randn([E, H, H]) / 4, paddle.randn([T, H])
@@ -109,7 +114,7 @@ def test_pylayer_backward_matches_dense_autograd(layout, pad, x_grad):
     if x_grad:
         assert paddle.allclose(x.grad.astype("float32"), xr.grad, rtol=3e-2, atol=3e-2 * float(xr.grad.abs().max()))
     else:
-        assert x.grad is None
+        assert x.grad is None and not engine.rows_moved  # dispatch's backward moved the scalars alone
     assert paddle.allclose(w.grad * mask, wr.grad * mask, rtol=3e-2, atol=3e-2 * float(wr.grad.abs().max()))
 
 

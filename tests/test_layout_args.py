@@ -11,7 +11,7 @@ from ep_jit.spec import KernelSpec
 from ep_jit.transports import TRANSPORTS, buffer_specs
 from ep_jit.transports import base
 from ep_jit.transports.collective import CollectiveTransport
-from ep_jit.transports.nvlink import NVLinkTransport, segment_offsets
+from ep_jit.transports.nvlink import WRITTEN, NVLinkTransport, segment_offsets
 
 
 def _buffer(transport: str) -> Buffer:
@@ -113,15 +113,61 @@ def test_dispatch_out_is_checked_first(kwargs, error, needle):
         _buffer("nvlink").dispatch(x, None, None, capacity=4, **kwargs)
 
 
-def test_out_is_never_recorded_for_autograd():
+def _owning_buffer():
+    """A Buffer as far as the checks of out= go, and a handle of its own."""
     buf = _buffer("nvlink")
     buf.id, buf._transport = 7, NVLinkTransport.__new__(NVLinkTransport)
     buf._transport.closed = False
     buf._transport._status = [0]  # no error reported
-    handle = base.Handle(7, "torch", 4, None, None, 4, None, None)
+    return buf, base.Handle(7, "torch", 4, None, None, 4, None, None)
+
+
+def test_out_is_never_recorded_for_autograd():
+    buf, handle = _owning_buffer()
     result = base.DispatchResult(None, None, None, None, None, handle)
     x = torch.zeros(4, 8, requires_grad=True)
     with pytest.raises(ValueError, match="out: expected inputs that do not require grad"):
         buf.dispatch(x, None, None, capacity=4, out=result)
     with pytest.raises(ValueError, match="out: expected y .* not to require grad"):
         buf.combine(x, handle, out=torch.zeros(4, 8))
+    handle.recorded = True  # held by autograd: a backward pass will read it
+    with pytest.raises(ValueError, match="out: expected a result whose handle autograd does not hold"):
+        buf.dispatch(torch.zeros(4, 8), None, None, capacity=4, out=result)
+
+
+@pytest.mark.parametrize("capacity, num_recv, needle", [
+    (None, None, "out: expected capacity=N with out= .*, got capacity=None"),
+    (4, 4, "out: expected the result of a non-blocking dispatch, got one of a default-mode dispatch"),
+    (8, None, r"out: expected a result with \(capacity, layout, pad_multiple\) = \(8, 'token', 1\), "
+              r"got \(4, 'token', 1\)"),
+])
+def test_out_must_be_a_nonblocking_result_of_the_same_shapes(capacity, num_recv, needle):
+    buf, handle = _owning_buffer()
+    handle.num_recv = num_recv
+    with pytest.raises(ValueError, match=needle):
+        buf.dispatch(torch.zeros(4, 8), None, None, capacity=capacity,
+                     out=base.DispatchResult(None, None, None, None, None, handle))
+
+
+def test_out_whose_tensors_were_replaced_is_refused_before_any_launch():
+    from types import SimpleNamespace
+
+    from ep_jit.frameworks.torch import TorchAdapter
+    from ep_jit.kernels.args import DispatchArgs
+
+    launched = []
+    kernel = SimpleNamespace(launch=lambda stream, grid, args: launched.append(args.phases))
+    tensors = [torch.zeros(4, 8), torch.zeros(4, 2, dtype=torch.int64), torch.zeros(4, 2), torch.zeros(2)]
+    args, pairs = DispatchArgs(), SimpleNamespace()
+    handle = base.Handle(7, "torch", 4, SimpleNamespace(storage=None), None, 4, None, None, transport=pairs)
+    result = base.DispatchResult(*tensors[:3], None, tensors[3], handle)
+    pairs.args, pairs.outputs = args, [t.data_ptr() for t in WRITTEN[False, False](result)]
+    transport = NVLinkTransport.__new__(NVLinkTransport)
+    transport.kernels, transport._resident, transport._stale_status, transport.num_sms = \
+        SimpleNamespace(dispatch=kernel), {"dispatch"}, set(), 4
+    op, inputs = base.Operation(TorchAdapter(), 0, None), [SimpleNamespace(ptr=16)] * 3
+    with pytest.raises(ValueError, match="out: expected a result as dispatch returned it"):
+        transport._dispatch_again(op, result._replace(recv_x=tensors[0].clone()), *inputs, None, True)
+    assert launched == []
+    assert transport._dispatch_again(op, result, *inputs, None, True)[0] is result
+    assert launched == [3] and args.send.x == 16  # both phases in one launch, the new inputs

@@ -164,6 +164,7 @@ class Handle:
     recv_weights: Any = None   # expert layout: [capacity] weight of each row's pair
     expert_offsets_list: list[int] | None = None  # expert layout, default mode: [E/R + 1] segment starts
     weights_node: Any = None   # the routed weights as autograd saw them, when dispatch was recorded
+    recorded: bool = False     # held by autograd (a recorded dispatch or combine): its backward reads it
 
     @property
     def token_slot(self) -> Any:

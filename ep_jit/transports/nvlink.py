@@ -8,6 +8,7 @@ that times out is reported in the status words and raised on the host as PeerTim
 from __future__ import annotations
 
 import ctypes
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,20 @@ class PairLayout:
     expert_counts: Any     # [E/R] int32: pairs per local expert
     token_rows: int        # received token rows (default mode), else the most that can arrive
     args: DispatchArgs     # the dispatch's
+    outputs: list[int]     # the addresses of its result's WRITTEN tensors
     combine_args: CombineArgs | None = None  # made at the first combine
+
+
+def _written(expert: bool, fp8: bool) -> operator.itemgetter:
+    names = (["recv_x", "recv_scales", "tokens_per_expert", "recv_weights", "expert_offsets"] if expert else
+             ["recv_x", "recv_topk_idx", "recv_topk_weights", "recv_scales", "tokens_per_expert"])
+    if not fp8:
+        names.remove("recv_scales")
+    return operator.itemgetter(*(DispatchResult._fields.index(name) for name in names))
+
+
+# The tensors of a result that the kernels write, by (expert layout, fp8): what out= must still hold.
+WRITTEN = {(expert, fp8): _written(expert, fp8) for expert in (False, True) for fp8 in (False, True)}
 
 
 def segment_offsets(per_expert: list[int], pad_multiple: int) -> list[int]:
@@ -182,18 +196,13 @@ class NVLinkTransport:
         fp8, dev, expert = scales is not None, self.device, pad_multiple is not None
         # non-blocking and few tokens: send and pull in one launch, once the outputs exist
         fused = capacity is not None and T <= self._fused_tokens
+        if out is not None:
+            return self._dispatch_again(op, out, x, topk_idx, topk_weights, scales, fused)
         self._begin(op)
         if capacity is None:
             self._tickets = next_ticket(self._tickets)
         else:
             self._unraised_nonblocking = True  # a bad id it finds is raised later, maybe by a default dispatch
-        if out is not None:  # the same shapes again: every output, array and argument but the inputs stays
-            args = out.handle.transport.args
-            self._set_inputs(args.send, x, topk_idx, topk_weights, scales)
-            if not fused:
-                self._launch_dispatch(op, args, SEND_PHASE)
-            self._launch_dispatch(op, args, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
-            return out, []
         args = DispatchArgs.from_buffer_copy(self._dispatch)
         a, pull = args.send, args.pull
         a.ticket = self._tickets if capacity is None else 0
@@ -237,8 +246,8 @@ class NVLinkTransport:
         self._launch_dispatch(op, args, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
         if num_recv is not None:  # the rest of the counts, read once the pull is on its way
             recv_from = list(self.mailbox.recv_from[:R])
-        handle = Handle(0, op.adapter.name, T, arrays, num_recv, capacity, recv_from, per_expert,
-                        transport=PairLayout(expert_offsets, expert_counts, token_rows, args),
+        pairs = PairLayout(expert_offsets, expert_counts, token_rows, args, [])
+        handle = Handle(0, op.adapter.name, T, arrays, num_recv, capacity, recv_from, per_expert, transport=pairs,
                         layout="expert" if expert else "token", pad_multiple=pad_multiple or 1,
                         recv_topk_idx=recv_idx, recv_weights=recv_w if expert else None,
                         expert_offsets_list=offsets_list)
@@ -247,7 +256,26 @@ class NVLinkTransport:
             result = DispatchResult(recv_x, None, None, recv_scales, expert_counts, handle, recv_w, expert_offsets)
         else:
             result = DispatchResult(recv_x, recv_idx, recv_w, recv_scales, expert_counts, handle)
+        pairs.outputs = list(map(op.adapter.pointer, WRITTEN[expert, fp8](result)))
         return result, keep
+
+    def _dispatch_again(self, op: Operation, out: DispatchResult, x: Any, topk_idx: Any, topk_weights: Any,
+                        scales: Any, fused: bool) -> tuple[DispatchResult, list]:
+        """A non-blocking dispatch into `out`'s outputs and arrays, whose arguments hold all
+        but the inputs already."""
+        pairs: PairLayout = out.handle.transport
+        if list(map(op.adapter.pointer, WRITTEN[out.handle.layout == "expert", scales is not None](out))) != \
+                pairs.outputs:
+            raise ValueError("out: expected a result as dispatch returned it; some of its tensors are not the ones "
+                             "its handle writes (replaced since?)")
+        args = pairs.args
+        self._begin(op)
+        self._unraised_nonblocking = True  # a bad id it finds is raised later, maybe by a default dispatch
+        self._set_inputs(args.send, x, topk_idx, topk_weights, scales)
+        if not fused:
+            self._launch_dispatch(op, args, SEND_PHASE)
+        self._launch_dispatch(op, args, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
+        return out, [out.handle.arrays.storage, *out]  # held while the kernels write them (a foreign stream)
 
     @staticmethod
     def _set_inputs(a: SendArgs, x: Any, topk_idx: Any, topk_weights: Any, scales: Any) -> None:
@@ -274,8 +302,8 @@ class NVLinkTransport:
         a, pull = args.send, args.pull
         a.ticket, a.restage, a.pad_multiple = 0, 1, 0
         a.x, a.scales, a.topk_idx, a.topk_weights = g.ptr, 0, 0, 0
+        out = op.empty((handle.capacity, self.hidden), "bf16", self.device)  # before any launch
         self._launch_dispatch(op, args, SEND_PHASE)
-        out = op.empty((handle.capacity, self.hidden), "bf16", self.device)
         pull.restage, pull.recv_x, pull.recv_scales, pull.recv_idx, pull.recv_weights = 1, op.ptr(out), 0, 0, 0
         self._launch_dispatch(op, args, PULL_PHASE)
         return out, [out]

@@ -351,8 +351,10 @@ def suite_errors() -> int:
             pass
         buf.combine(y, res.handle)
         kept = buf.dispatch(x, idx, w, capacity=64 * WORLD)  # out= takes only a result of the same shapes
-        n += expect(ValueError, "out: expected capacity=N and the result of a non-blocking dispatch",
+        n += expect(ValueError, "out: expected the result of a non-blocking dispatch, got one of a default-mode",
                     lambda: buf.dispatch(x, idx, w, capacity=64 * WORLD, out=res))
+        n += expect(ValueError, "out: expected a result as dispatch returned it", lambda: buf.dispatch(
+            x, idx, w, capacity=64 * WORLD, out=kept._replace(recv_x=kept.recv_x.clone())))
         n += expect(ValueError, "out: expected a result with (capacity, layout, pad_multiple) = (64, 'token', 1), "
                     f"got ({64 * WORLD}, 'token', 1)", lambda: buf.dispatch(x, idx, w, capacity=64, out=kept))
         n += expect(ValueError, "out: expected the result of a dispatch of 31 torch tokens, got one of 32",

@@ -227,7 +227,7 @@ def moe_forward(buf, x, idx, w, W_local, layout: str, pad: int, capacity=None, s
     return buf.combine(torch.as_tensor(y).bfloat16(), res.handle)
 
 
-def quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp8 rows and their per-128 scales, and what they stand for (the fp32 reference's x)."""
     blocks = x.float().view(x.shape[0], -1, 128)
     scales = blocks.abs().amax(-1).clamp(min=1e-4) / 448.0
