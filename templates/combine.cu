@@ -90,9 +90,10 @@ __device__ __forceinline__ void push_rows(const CombineArgs& a, const int* offse
         for (int j = begin; j < stop; ++j, to += kVecs, scalars += TOPK) {
             if (j < end) {
                 if (a.with_rows) push_row<HIDDEN, TOPK>(to, a, j, lane);
-                if (a.pair_rows != nullptr)
-                    lost_pairs += __popc(__ballot_sync(
-                        0xffffffffu, lane < TOPK && a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] == kDroppedPair));
+                if (a.pair_rows != nullptr) {
+                    const bool dropped = lane < TOPK && a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] == kDroppedPair;
+                    lost_pairs += __popc(__ballot_sync(0xffffffffu, dropped));
+                }
             } else if (a.with_rows) {
                 for (int v = lane; v < kVecs; v += kWarpSize) st_stream(to + v, make_int4(0, 0, 0, 0));
             }

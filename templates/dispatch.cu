@@ -342,7 +342,8 @@ __device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
             for (int v = lane; v < row_vecs; v += kWarpSize)
                 st_stream(recv_x + static_cast<int64_t>(j) * row_vecs + v, make_int4(0, 0, 0, 0));
             if (scaled)
-                for (int i = lane; i < kScales; i += kWarpSize) recv_scales[static_cast<int64_t>(j) * kScales + i] = 0.0f;
+                for (int i = lane; i < kScales; i += kWarpSize)
+                    recv_scales[static_cast<int64_t>(j) * kScales + i] = 0.0f;
         }
         if (!restage)
             for (int64_t i = static_cast<int64_t>(total) * TOPK + blockIdx.x * blockDim.x + threadIdx.x;

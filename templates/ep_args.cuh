@@ -154,7 +154,8 @@ struct CombineArgs {         // combine_kernel (NVLink)
     void* out;                   // bf16 [num_tokens, H]
     const int32_t* token_slot;   // [num_tokens, R], from dispatch
     const int32_t* sent_counts;  // [R], from dispatch
-    const int32_t* pair_rows;    // [num_rows, K]: expert layout (y rows of each token row's pairs, < 0: none), else null
+    const int32_t* pair_rows;    // [num_rows, K]: expert layout (y rows of each token row's pairs, < 0: none),
+                                 // else null
     const float* pair_weights;   // [rows of y]: expert layout weights; null: 1
     const float* scalars;        // per-pair values to bring back: [rows of y] (expert) or [num_rows, K] (token)
     const int64_t* recv_idx;     // [num_rows, K], token layout with scalars: which entries are this rank's

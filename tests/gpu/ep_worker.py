@@ -504,7 +504,8 @@ def suite_capacity_drop() -> int:
             if n_here > capacity:
                 want_msgs.append(f"capacity: expected at least {n_here} rows")
             if lost:
-                want_msgs.append(f"{lost} rows (token layout) or pairs (expert layout) of this rank's tokens were dropped there")
+                want_msgs.append(f"{lost} rows (token layout) or pairs (expert layout) of this rank's tokens were "
+                                 "dropped there")
             assert len(messages) == len(want_msgs) and all(w in m for w, m in zip(want_msgs, messages)), \
                 f"capacity {capacity}: raise_pending said {messages}, expected {want_msgs}"
             check_round(buf, data, E, H, "bf16")  # the next default round is exact
