@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kCopyThreads) pack_kernel(const __grid_constan
             if (slot < 0) continue;
             const int64_t row = send_offsets[r] + slot;
             warp_copy(reinterpret_cast<int4*>(send_x) + row * kVecs,
-                      reinterpret_cast<const int4*>(x) + static_cast<int64_t>(t) * kVecs, kVecs, lane);
+                      reinterpret_cast<const int4*>(x) + static_cast<int64_t>(t) * kVecs, 0, kVecs, lane);
             char* meta = send_meta + row * Meta::kBytes;
             for (int i = lane; i < Meta::kScales; i += kWarpSize)
                 reinterpret_cast<float*>(meta)[i] = scales[static_cast<int64_t>(t) * Meta::kScales + i];

@@ -52,7 +52,7 @@ __device__ __forceinline__ void push_row(int4* to, const CombineArgs& a, int j, 
     constexpr int kVecs = HIDDEN * sizeof(bf16) / 16;
     const int4* y = static_cast<const int4*>(a.y);
     if (a.pair_rows == nullptr) {
-        warp_copy(to, y + static_cast<int64_t>(j) * kVecs, kVecs, lane);
+        warp_copy(to, y + static_cast<int64_t>(j) * kVecs, 0, kVecs, lane);
         return;
     }
     const int mine = lane < TOPK ? a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] : -1;
@@ -129,13 +129,19 @@ __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, bool with_
         seen[i] = -1;
         size[i] = r < NUM_RANKS ? combine_chunk_rows<NUM_RANKS>(sent[r]) : 1;
     }
-    // a few tokens per take, fewer when there are few, so that every warp gets some
-    const int take = chunk_rows_for(num_tokens, gridDim.x * blockDim.x / kWarpSize, kTokensPerTake);
+    // a few tokens per take, fewer when there are few, so that every warp gets some (fewer
+    // tokens than warps: a slice of a token's row each, the scalars with slice 0)
+    const int workers = gridDim.x * blockDim.x / kWarpSize;
+    const RowSlices<true> slices(row_parts(num_tokens, with_rows ? workers : 0, kVecs, kSumUnroll<NUM_RANKS> * kWarpSize),
+                                 kVecs);
+    const int items = num_tokens * slices.parts();
+    const int take = chunk_rows_for(items, workers, kTokensPerTake);
     for (;;) {
         int first = lane == 0 ? atomicAdd(queue, take) : 0;
         first = __shfl_sync(0xffffffffu, first, 0);
-        if (first >= num_tokens) return true;
-        for (int t = first; t < min(first + take, num_tokens); ++t) {
+        if (first >= items) return true;
+        for (int item = first; item < min(first + take, items); ++item) {
+            const int t = slices.row(item), part = slices.part(item);
             const int* slots = token_slot + static_cast<int64_t>(t) * NUM_RANKS;
             bool arrived = true, waited = false;
 #pragma unroll
@@ -165,8 +171,8 @@ __device__ __forceinline__ bool reduce_tokens(bf16* __restrict__ out, bool with_
             }
             if (with_rows)
                 warp_sum_rows<kVecs, NUM_RANKS>(reinterpret_cast<int4*>(out) + static_cast<int64_t>(t) * kVecs, from,
-                                                lane);
-            if (scalars_out != nullptr && lane < TOPK) {  // in rank order, like the rows
+                                                lane, nullptr, slices.begin(part), slices.end(part, kVecs));
+            if (scalars_out != nullptr && part == 0 && lane < TOPK) {  // in rank order, like the rows
                 const float* values = sym_ptr<const float>(my_base, L.combine_scalars);
                 float sum = 0.0f;
                 for (int r = 0; r < NUM_RANKS; ++r)

@@ -79,8 +79,7 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
         sym_ptr<int>(peers[dst], L.counts)[rank * kRow + k] = value;
         if (k == 0) sent_counts[dst] = value;  // kept with the handle: combine sizes its chunks by it
     }
-    __threadfence_system();  // the counts, and this block's send list, before the flags
-    __syncthreads();
+    __syncthreads();  // every thread's counts (and the layout blocks' send lists) go with the releases
     if (threadIdx.x < NUM_RANKS)
         st_release_sys(flag_slot(peers[threadIdx.x], L, kCountsReady, rank, NUM_RANKS), want);
     if (!block_wait_all<NUM_RANKS>(my_base, L, kCountsReady, want, timeout_ns, st, kPhaseNotify)) return;
@@ -88,21 +87,24 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
     if (threadIdx.x < NUM_RANKS) from[threadIdx.x] = counts[threadIdx.x * kRow];
     __syncthreads();
 
+    // the host reads the counts only when it waits for them (ticket != 0): mapped host
+    // memory is written over PCIe, and a later release waits for those writes
+    const bool to_host = ticket != 0;
     for (int e = threadIdx.x; e < kLocal; e += blockDim.x) {
         int sum = 0;
         for (int src = 0; src < NUM_RANKS; ++src) sum += counts[src * kRow + 1 + e];
         local_expert_counts[e] = sum;
-        mailbox->tokens_per_expert[e] = sum;
+        if (to_host) mailbox->tokens_per_expert[e] = sum;
     }
     if (threadIdx.x == 0) {
         int run = 0;
         for (int src = 0; src < NUM_RANKS; ++src) {
             recv_offsets[src] = run;
-            mailbox->recv_from[src] = from[src];
+            if (to_host) mailbox->recv_from[src] = from[src];
             run += from[src];
         }
         recv_offsets[NUM_RANKS] = run;
-        mailbox->recv_total = run;
+        if (to_host) mailbox->recv_total = run;
         for (int src = 0; src < NUM_RANKS; ++src) {
             const int bad = counts[src * kRow + kRow - 1];
             if (bad != 0 && mailbox->bad_source == 0) {
@@ -114,22 +116,21 @@ __device__ __forceinline__ void exchange_counts(const int* tokens_per_rank, cons
     __syncthreads();
     if (pad_multiple > 0) expert_segments<kLocal, NUM_RANKS>(counts, kRow, local_expert_counts, pad_multiple,
                                                              expert_offsets, expert_base);
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        *reinterpret_cast<volatile uint32_t*>(&mailbox->done_ticket) = ticket;
+    if (threadIdx.x == 0) {  // after the barrier, so the block's writes go with both releases
+        if (to_host) st_release_sys(&mailbox->done_ticket, ticket);
         st_release_sys(counts_ready, want);  // for the pull blocks of the fused dispatch
     }
 }
 
-// Blocks [first, gridDim.x) copy this rank's tokens into its stage. `restage`: x holds bf16
-// rows (a gradient) and only they are staged, for a pull along an earlier layout.
-template <int HIDDEN, int TOPK, typename T>
-__device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const float* __restrict__ scales,
-                                             const int64_t* __restrict__ topk_idx,
-                                             const float* __restrict__ topk_weights, int num_tokens,
-                                             uint64_t my_base, const SymLayout& L, int first, bool restage) {
+// Blocks [first, gridDim.x) copy this rank's tokens into its stage, `parts` warps per row.
+// `restage`: x holds bf16 rows (a gradient) and only they are staged, for a pull along an
+// earlier layout.
+template <int HIDDEN, int TOPK, typename T, bool kSplit>
+__device__ __forceinline__ void stage_rows(const T* __restrict__ x, const float* __restrict__ scales,
+                                           const int64_t* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+                                           int num_tokens, uint64_t my_base, const SymLayout& L, int first,
+                                           bool restage, int parts) {
     constexpr int kScales = HIDDEN / kScaleBlock;
-    static_assert(HIDDEN * sizeof(T) % 16 == 0, "rows must be whole 16-byte vectors");
     const int kVecs = HIDDEN * (restage ? 2 : static_cast<int>(sizeof(T))) / 16;
     const int lane = threadIdx.x % kWarpSize;
     const int warp = ((blockIdx.x - first) * blockDim.x + threadIdx.x) / kWarpSize;
@@ -138,10 +139,12 @@ __device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const floa
     int64_t* stage_idx = sym_ptr<int64_t>(my_base, L.stage_idx);
     float* stage_w = sym_ptr<float>(my_base, L.stage_weights);
     float* stage_s = sym_ptr<float>(my_base, L.stage_scales);
-    for (int t = warp; t < num_tokens; t += num_warps) {
+    const RowSlices<kSplit> slices(parts, kVecs);
+    for (int item = warp; item < num_tokens * slices.parts(); item += num_warps) {
+        const int t = slices.row(item), part = slices.part(item);
         warp_copy(stage_x + static_cast<int64_t>(t) * kVecs, reinterpret_cast<const int4*>(x) + static_cast<int64_t>(t) * kVecs,
-                  kVecs, lane);
-        if (restage) continue;
+                  slices.begin(part), slices.end(part, kVecs), lane);
+        if (restage || part != 0) continue;
         for (int k = lane; k < TOPK; k += kWarpSize) {
             stage_idx[t * TOPK + k] = topk_idx[t * TOPK + k];
             stage_w[t * TOPK + k] = topk_weights[t * TOPK + k];
@@ -149,6 +152,21 @@ __device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const floa
         if constexpr (sizeof(T) == 1)
             for (int i = lane; i < kScales; i += kWarpSize) stage_s[t * kScales + i] = scales[t * kScales + i];
     }
+}
+
+template <int HIDDEN, int TOPK, typename T>
+__device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const float* __restrict__ scales,
+                                             const int64_t* __restrict__ topk_idx,
+                                             const float* __restrict__ topk_weights, int num_tokens,
+                                             uint64_t my_base, const SymLayout& L, int first, bool restage) {
+    static_assert(HIDDEN * sizeof(T) % 16 == 0, "rows must be whole 16-byte vectors");
+    const int vecs = HIDDEN * (restage ? 2 : static_cast<int>(sizeof(T))) / 16;
+    const int parts = row_parts(num_tokens, (gridDim.x - first) * blockDim.x / kWarpSize, vecs,
+                                kLocalCopyUnroll * kWarpSize);
+    if (parts > 1)
+        stage_rows<HIDDEN, TOPK, T, true>(x, scales, topk_idx, topk_weights, num_tokens, my_base, L, first, restage, parts);
+    else
+        stage_rows<HIDDEN, TOPK, T, false>(x, scales, topk_idx, topk_weights, num_tokens, my_base, L, first, restage, 1);
 }
 
 // The source's part of a dispatch, every block of the grid: blocks [0, R) lay out, the
@@ -163,7 +181,8 @@ __device__ __forceinline__ bool send_phase(const SendArgs& a) {
     Workspace* ws = a.peers.ws;
     Mailbox* mailbox = a.peers.mailbox;
     const Status st = status_of(a.peers);
-    if (blockIdx.x == 0 && threadIdx.x == 0 && a.ticket != 0)
+    // by a staging block: a layout block's releases would wait for this write over PCIe
+    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0 && a.ticket != 0)
         *reinterpret_cast<volatile uint32_t*>(&mailbox->started_ticket) = a.ticket;
     if (failed(st)) return false;
     const uint64_t my_base = peers[rank], id = flag_identity(TAG, L.nonce);
@@ -179,13 +198,9 @@ __device__ __forceinline__ bool send_phase(const SendArgs& a) {
             sym_ptr<int>(my_base, L.send_index) + static_cast<int64_t>(dst) * L.max_tokens, st,
             a.pad_multiple > 0 ? sym_ptr<int>(my_base, L.stage_pos) : nullptr);
         __syncthreads();
-        if (threadIdx.x == 0) {
-            __threadfence_system();  // this block's send list, visible to peers before the exchange's flags
-            last = atomicAdd(&ws->layout_done, 1) == NUM_RANKS - 1;
-            if (last) {
-                ws->layout_done = 0;
-                __threadfence();  // the other layout blocks' counts, visible to every thread of this one
-            }
+        if (threadIdx.x == 0) {  // the last sees every layout block's counts and send list
+            last = atomic_add_acq_rel_gpu(&ws->layout_done, 1) == NUM_RANKS - 1;
+            if (last) ws->layout_done = 0;
         }
         __syncthreads();
         if (last)
@@ -221,6 +236,102 @@ __device__ __forceinline__ void zero_outside_segments(int4* recv_x, int row_vecs
     }
 }
 
+// loads in flight per lane of the pull: a row in about one round trip over NVLink
+template <typename T>
+constexpr int kPullUnroll = sizeof(T) == 1 ? 16 : 8;
+
+// The pull's rows, chunk by chunk, `parts` warps per chunk (each a slice of its rows): lane
+// i looks up the token of the chunk's i-th row first, so no row waits on a remote index read;
+// the lead (slice 0) also writes the rows' ids, weights and scales.
+template <int HIDDEN, int NUM_EXPERTS, int NUM_RANKS, int TOPK, typename T, bool kSplit>
+__device__ __forceinline__ void pull_rows(const PullArgs& a, const PeerChunks<NUM_RANKS>& chunks, const int* offsets,
+                                          int parts, int warp, int num_warps) {
+    constexpr bool kFp8 = sizeof(T) == 1;
+    constexpr int kScales = HIDDEN / kScaleBlock;
+    constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
+    constexpr int kScalesPerLane = kFp8 ? (kScales + kWarpSize - 1) / kWarpSize : 1;
+    constexpr int kUnroll = kPullUnroll<T>;
+    static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
+    const SymLayout& L = a.peers.layout;
+    const uint64_t* peers = a.peers.bases;
+    const int rank = a.peers.rank, capacity = a.capacity, lane = threadIdx.x % kWarpSize;
+    const bool restage = a.restage != 0, expert = a.pair_rows != nullptr;
+    const bool scaled = kFp8 && !restage;  // restaged rows are bf16 gradients: no scales
+    const int row_vecs = HIDDEN * (restage ? 2 : static_cast<int>(sizeof(T))) / 16;
+    int4* __restrict__ recv_x = static_cast<int4*>(a.recv_x);
+    float* __restrict__ recv_scales = a.recv_scales;
+    int64_t* __restrict__ recv_idx = a.recv_idx;
+    float* __restrict__ recv_weights = a.recv_weights;
+    const RowSlices<kSplit> slices(parts, row_vecs);
+    for (int item = warp; item < chunks.count * slices.parts(); item += num_warps) {
+        const int c = slices.row(item), part = slices.part(item);
+        const int src = chunks.peer(c), begin = chunks.begin(c), rows_here = chunks.end(c) - begin;
+        const bool lead = part == 0;
+        if (rows_here <= 0) continue;
+        const uint64_t base = peers[src];
+        int my_token = 0;
+        if (lane < rows_here) {
+            my_token = restage ? a.recv_token[begin + lane]
+                               : sym_ptr<const int>(base, L.send_index)[rank * L.max_tokens + (begin + lane - offsets[src])];
+            if (!restage && lead) a.recv_token[begin + lane] = my_token;
+        }
+        for (int i = 0; i < rows_here; ++i) {
+            const int j = begin + i;
+            const int t = __shfl_sync(0xffffffffu, my_token, i);
+            int64_t id = -1;
+            float wt = 0.0f, sc[kScalesPerLane];
+            if (lane < TOPK && !restage && (lead || expert)) {  // issued before the row's, to share its round trip
+                id = sym_ptr<const int64_t>(base, L.stage_idx)[t * TOPK + lane];
+                wt = sym_ptr<const float>(base, L.stage_weights)[t * TOPK + lane];
+            }
+            if (scaled && lead) {
+                const float* s = sym_ptr<const float>(base, L.stage_scales) + t * kScales;
+#pragma unroll
+                for (int u = 0; u < kScalesPerLane; ++u)
+                    if (lane + u * kWarpSize < kScales) sc[u] = s[lane + u * kWarpSize];
+            }
+            const int64_t local = id - rank * kLocal;
+            const bool hit = lane < TOPK && local >= 0 && local < kLocal;
+            int dest = j;  // where this lane's pair (expert layout) or the row (token layout) lands
+            if (expert && lane < TOPK) {
+                if (restage) {
+                    dest = a.pair_rows[static_cast<int64_t>(j) * TOPK + lane];
+                } else {
+                    dest = hit ? a.expert_base[src * kLocal + local] + sym_ptr<const int>(base, L.stage_pos)[t * TOPK + lane] : -1;
+                    // past the capacity: dropped (reported above, and by the source at combine)
+                    dest = dest < capacity ? dest : kDroppedPair;
+                    if (lead) a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] = dest;
+                }
+            }
+            int rows[TOPK];  // token layout: only rows[0] = j
+#pragma unroll
+            for (int k = 0; k < TOPK; ++k) rows[k] = expert ? __shfl_sync(0xffffffffu, dest, k) : k == 0 ? j : -1;
+            const int4* from = sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * row_vecs;
+            const int v0 = slices.begin(part), v1 = slices.end(part, row_vecs);
+            if (expert)
+                warp_copy_to_rows<kUnroll, TOPK>(recv_x, rows, row_vecs, from, v0, v1, lane);
+            else
+                warp_copy<kUnroll>(recv_x + static_cast<int64_t>(j) * row_vecs, from, v0, v1, lane);
+            if (restage || !lead) continue;
+            if (!expert && lane < TOPK) {
+                recv_idx[static_cast<int64_t>(j) * TOPK + lane] = hit ? local : -1;
+                recv_weights[static_cast<int64_t>(j) * TOPK + lane] = hit ? wt : 0.0f;
+            }
+            if (expert && lane < TOPK && dest >= 0) recv_weights[dest] = wt;
+            if (scaled) {
+#pragma unroll
+                for (int r = 0; r < (expert ? TOPK : 1); ++r) {
+                    if (rows[r] < 0) continue;
+#pragma unroll
+                    for (int u = 0; u < kScalesPerLane; ++u)
+                        if (lane + u * kWarpSize < kScales)
+                            recv_scales[static_cast<int64_t>(rows[r]) * kScales + lane + u * kWarpSize] = sc[u];
+                }
+            }
+        }
+    }
+}
+
 // The destination's part, every block of the grid. `after_send`: the same grid ran
 // send_phase just before (one launch for both), so first wait until its count exchange
 // has published the receive layout; a launch of the pull alone starts after it anyway.
@@ -229,8 +340,6 @@ __device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
     constexpr bool kFp8 = sizeof(T) == 1;
     constexpr int kScales = HIDDEN / kScaleBlock;
     constexpr int kLocal = NUM_EXPERTS / NUM_RANKS;
-    constexpr int kScalesPerLane = kFp8 ? (kScales + kWarpSize - 1) / kWarpSize : 1;
-    static_assert(TOPK <= kWarpSize, "one lane per top-k entry");
     __shared__ int offsets[NUM_RANKS + 1];
     const SymLayout& L = a.peers.layout;
     const uint64_t* peers = a.peers.bases;
@@ -262,77 +371,19 @@ __device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
         report(st, 2, rows_needed);  // rows that did not fit
     const int total = expert ? min(offsets[NUM_RANKS], a.token_rows) : min(offsets[NUM_RANKS], max(capacity, 0));
     const int lane = threadIdx.x % kWarpSize;
-    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarpSize;
+    // the fused dispatch's layout blocks come to the pull last (they exchange the counts
+    // first), so the first rows go to warps that are waiting already
+    const int block = after_send ? (blockIdx.x + gridDim.x - NUM_RANKS) % gridDim.x : blockIdx.x;
+    const int warp = (block * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
     // Rows are taken up to 32 at a time per warp (fewer when there are few, so every warp
-    // gets some), interleaved over the sources: lane i looks up the token of the chunk's
-    // i-th row first, so no row waits on a remote index read.
+    // gets some; fewer rows than warps: a slice of a row each), interleaved over the sources.
     const PeerChunks<NUM_RANKS> chunks(offsets, total, rank, num_warps, kWarpSize, false);
-    for (int c = warp; c < chunks.count; c += num_warps) {
-        const int src = chunks.peer(c), begin = chunks.begin(c), rows_here = chunks.end(c) - begin;
-        if (rows_here <= 0) continue;
-        const uint64_t base = peers[src];
-        int my_token = 0;
-        if (lane < rows_here) {
-            my_token = restage ? a.recv_token[begin + lane]
-                               : sym_ptr<const int>(base, L.send_index)[rank * L.max_tokens + (begin + lane - offsets[src])];
-            if (!restage) a.recv_token[begin + lane] = my_token;
-        }
-        for (int i = 0; i < rows_here; ++i) {
-            const int j = begin + i;
-            const int t = __shfl_sync(0xffffffffu, my_token, i);
-            int64_t id = -1;
-            float wt = 0.0f, sc[kScalesPerLane];
-            if (lane < TOPK && !restage) {  // issue the small loads before the row's, to share its round trip
-                id = sym_ptr<const int64_t>(base, L.stage_idx)[t * TOPK + lane];
-                wt = sym_ptr<const float>(base, L.stage_weights)[t * TOPK + lane];
-            }
-            if (scaled) {
-                const float* s = sym_ptr<const float>(base, L.stage_scales) + t * kScales;
-#pragma unroll
-                for (int u = 0; u < kScalesPerLane; ++u)
-                    if (lane + u * kWarpSize < kScales) sc[u] = s[lane + u * kWarpSize];
-            }
-            const int64_t local = id - rank * kLocal;
-            const bool hit = lane < TOPK && local >= 0 && local < kLocal;
-            int dest = j;  // where this lane's pair (expert layout) or the row (token layout) lands
-            if (expert && lane < TOPK) {
-                if (restage) {
-                    dest = a.pair_rows[static_cast<int64_t>(j) * TOPK + lane];
-                } else {
-                    dest = hit ? a.expert_base[src * kLocal + local] + sym_ptr<const int>(base, L.stage_pos)[t * TOPK + lane] : -1;
-                    // past the capacity: dropped (reported above, and by the source at combine)
-                    dest = dest < capacity ? dest : kDroppedPair;
-                    a.pair_rows[static_cast<int64_t>(j) * TOPK + lane] = dest;
-                }
-            }
-            int rows[TOPK];  // token layout: only rows[0] = j
-#pragma unroll
-            for (int k = 0; k < TOPK; ++k) rows[k] = expert ? __shfl_sync(0xffffffffu, dest, k) : k == 0 ? j : -1;
-            // enough loads in flight that a row takes about one round trip over NVLink
-            const int4* from = sym_ptr<const int4>(base, L.stage_x) + static_cast<int64_t>(t) * row_vecs;
-            if (expert)
-                warp_copy_to_rows<kFp8 ? 16 : 8, TOPK>(recv_x, rows, from, row_vecs, lane);
-            else
-                warp_copy<kFp8 ? 16 : 8>(recv_x + static_cast<int64_t>(j) * row_vecs, from, row_vecs, lane);
-            if (restage) continue;
-            if (!expert && lane < TOPK) {
-                recv_idx[static_cast<int64_t>(j) * TOPK + lane] = hit ? local : -1;
-                recv_weights[static_cast<int64_t>(j) * TOPK + lane] = hit ? wt : 0.0f;
-            }
-            if (expert && lane < TOPK && dest >= 0) recv_weights[dest] = wt;
-            if (scaled) {
-#pragma unroll
-                for (int r = 0; r < (expert ? TOPK : 1); ++r) {
-                    if (rows[r] < 0) continue;
-#pragma unroll
-                    for (int u = 0; u < kScalesPerLane; ++u)
-                        if (lane + u * kWarpSize < kScales)
-                            recv_scales[static_cast<int64_t>(rows[r]) * kScales + lane + u * kWarpSize] = sc[u];
-                }
-            }
-        }
-    }
+    const int parts = row_parts(chunks.count, num_warps, row_vecs, kPullUnroll<T> * kWarpSize);
+    if (parts > 1)
+        pull_rows<HIDDEN, NUM_EXPERTS, NUM_RANKS, TOPK, T, true>(a, chunks, offsets, parts, warp, num_warps);
+    else
+        pull_rows<HIDDEN, NUM_EXPERTS, NUM_RANKS, TOPK, T, false>(a, chunks, offsets, 1, warp, num_warps);
     if (expert && capacity >= 0) {
         zero_outside_segments<kLocal, kScales, kFp8>(recv_x, row_vecs, restage ? nullptr : recv_weights,
                                                      scaled ? recv_scales : nullptr, a.expert_offsets, a.expert_counts,
@@ -346,7 +397,7 @@ __device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
                     recv_scales[static_cast<int64_t>(j) * kScales + i] = 0.0f;
         }
         if (!restage)
-            for (int64_t i = static_cast<int64_t>(total) * TOPK + blockIdx.x * blockDim.x + threadIdx.x;
+            for (int64_t i = static_cast<int64_t>(total) * TOPK + block * blockDim.x + threadIdx.x;
                  i < static_cast<int64_t>(max(capacity, 0)) * TOPK; i += gridDim.x * blockDim.x) {
                 recv_idx[i] = -1;
                 recv_weights[i] = 0.0f;

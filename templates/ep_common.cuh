@@ -25,36 +25,63 @@ __device__ __forceinline__ void st_stream(int4* p, const int4& v) {
                  :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
 }
 
-// Lanes of a warp copy one row of `n_vec` int4s from `src` into each of the rows `rows` of
-// `dst` (< 0: none; the same on every lane), kUnroll loads in flight per lane (the tail too,
-// predicated), each vector read once: the expert layout writes a token to every expert it
-// picked. Reads from a peer want 8 (fewer round trips over NVLink); local copies run faster
-// with 4 (measured on H200).
+// Lanes of a warp copy vectors [begin, end) of one row (int4s at `src`) into each of the
+// rows `rows` of `dst`, `row_vecs` int4s apart (< 0: none; the same on every lane), kUnroll
+// loads in flight per lane (the tail too, predicated), each vector read once: the expert
+// layout writes a token to every expert it picked. Reads from a peer want 8 (fewer round
+// trips over NVLink); local copies run faster with 4 (measured on H200).
 template <int kUnroll, int kRows>
-__device__ __forceinline__ void warp_copy_to_rows(int4* dst, const int (&rows)[kRows], const int4* src, int n_vec,
-                                                  int lane) {
-    for (int i = lane; i < n_vec; i += kUnroll * kWarpSize) {
+__device__ __forceinline__ void warp_copy_to_rows(int4* dst, const int (&rows)[kRows], int row_vecs, const int4* src,
+                                                  int begin, int end, int lane) {
+    for (int i = begin + lane; i < end; i += kUnroll * kWarpSize) {
         int4 v[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
-            if (i + u * kWarpSize < n_vec) v[u] = ld_stream(src + i + u * kWarpSize);
+            if (i + u * kWarpSize < end) v[u] = ld_stream(src + i + u * kWarpSize);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
             if (rows[r] < 0) continue;
-            int4* to = dst + static_cast<int64_t>(rows[r]) * n_vec;
+            int4* to = dst + static_cast<int64_t>(rows[r]) * row_vecs;
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
-                if (i + u * kWarpSize < n_vec) st_stream(to + i + u * kWarpSize, v[u]);
+                if (i + u * kWarpSize < end) st_stream(to + i + u * kWarpSize, v[u]);
         }
     }
 }
 
-// The one-row copy: `n_vec` int4s from src to dst.
-template <int kUnroll = 4>
-__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n_vec, int lane) {
+constexpr int kLocalCopyUnroll = 4;  // loads in flight per lane for a copy within one GPU
+
+// Vectors [begin, end) of a row from src to dst.
+template <int kUnroll = kLocalCopyUnroll>
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int begin, int end, int lane) {
     const int here[1] = {0};
-    warp_copy_to_rows<kUnroll, 1>(dst, here, src, n_vec, lane);
+    warp_copy_to_rows<kUnroll, 1>(dst, here, 0, src, begin, end, lane);
 }
+
+// Warps per row when there are few rows for the warps: one warp needs several round trips
+// for a 14 KB row (a round: `round` vectors, kUnroll loads per lane), so spare warps take a
+// slice each, of at least one round.
+__device__ __forceinline__ int row_parts(int rows, int workers, int row_vecs, int round) {
+    return max(1, min(workers / max(rows, 1), (row_vecs + round - 1) / round));
+}
+
+// Rows cut into `parts` slices, whole multiples of a warp's 32 vectors: work item i is slice
+// part(i) of row (or chunk) row(i). kSplit false: one slice, the whole row, known at compile
+// time, so the loop compiles as an unsplit one (at 4096 rows a runtime slice cost 5-10 %).
+template <bool kSplit>
+struct RowSlices {
+    int n, span;
+    __device__ __forceinline__ RowSlices(int parts, int row_vecs)
+        : n(kSplit ? parts : 1),
+          span(kSplit ? (row_vecs + parts * kWarpSize - 1) / (parts * kWarpSize) * kWarpSize : row_vecs) {}
+    __device__ __forceinline__ int parts() const { return kSplit ? n : 1; }
+    __device__ __forceinline__ int row(int item) const { return kSplit ? item / n : item; }
+    __device__ __forceinline__ int part(int item) const { return kSplit ? item % n : 0; }
+    __device__ __forceinline__ int begin(int part) const { return kSplit ? part * span : 0; }
+    __device__ __forceinline__ int end(int part, int row_vecs) const {
+        return kSplit ? min(row_vecs, (part + 1) * span) : row_vecs;
+    }
+};
 
 // ---- system-scope flags ----------------------------------------------------
 // A flag word holds an identity in its high 32 bits (the group tag's high half mixed
@@ -70,6 +97,20 @@ __device__ __forceinline__ uint64_t make_flag(uint64_t identity, uint32_t seq) {
 
 __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+
+// For the host's reads of mapped memory: every write before it lands first.
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+
+// A counter of the blocks of one grid: each adds with release (its block's writes, ordered
+// before it by a barrier, go with it) and acquire (the one that sees the count reach the end
+// has seen every block's writes). GPU scope: a system-scope fence costs about a microsecond.
+__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* p, int v) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
 }
 
 __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
@@ -119,6 +160,7 @@ __device__ __forceinline__ bool flag_reached(uint64_t flag, uint64_t want, bool 
 // already failed, so a dead peer becomes an error on the host instead of a hang.
 __device__ __forceinline__ bool wait_flag(const uint64_t* p, uint64_t want, uint64_t timeout_ns, const Status& st,
                                           int phase, int peer, bool exact = false) {
+    if (flag_reached(ld_acquire_sys(p), want, exact)) return true;  // no clock read when it is there
     const uint64_t deadline = global_time_ns() + timeout_ns;
     while (!flag_reached(ld_acquire_sys(p), want, exact)) {
         if (failed(st)) return false;
@@ -155,15 +197,13 @@ __device__ __forceinline__ bool block_wait_all(uint64_t my_base, const SymLayout
 }
 
 // True on thread 0 of the last of `num_blocks` blocks to get here, which also resets the
-// counter. Each block fences its own writes first, and the last one fences after it has
-// seen every arrival, so what every block wrote is visible to what the last one does next.
+// counter. What every block wrote or read before is ordered before what the last one does
+// next (atomic_add_acq_rel_gpu), and a system-scope release it then makes (post_all) carries
+// all of it to the peers: release and acquire are cumulative, whatever their scopes.
 __device__ __forceinline__ bool last_block_arrives(int* counter, int num_blocks) {
     __syncthreads();
-    if (threadIdx.x != 0) return false;
-    __threadfence_system();
-    if (atomicAdd(counter, 1) != num_blocks - 1) return false;
+    if (threadIdx.x != 0 || atomic_add_acq_rel_gpu(counter, 1) != num_blocks - 1) return false;
     *counter = 0;
-    __threadfence_system();
     return true;
 }
 
@@ -239,27 +279,31 @@ struct PeerChunks {
 };
 
 // ---- fp32 sum of bf16 rows ----------------------------------------------------
-// A warp writes dst = sum of the rows in `from` (nullptr = absent), accumulated in fp32
-// in rank order, so the result does not depend on scheduling. Several vectors per lane
-// per step keep about sixteen 16-byte loads in flight (eight: 1.3x slower on 4 x H200).
-// `weights` (nullptr: all 1) scales row r by weights[r] before it is added.
+// A warp writes vectors [begin, end) of dst = sum of the rows in `from` (nullptr = absent),
+// accumulated in fp32 in rank order, so the result does not depend on scheduling. Several
+// vectors per lane per step keep about sixteen 16-byte loads in flight (eight: 1.3x slower
+// on 4 x H200). `weights` (nullptr: all 1) scales row r by weights[r] before it is added.
+template <int NUM_ROWS>
+constexpr int kSumUnroll = NUM_ROWS >= 16 ? 1 : 16 / NUM_ROWS;  // vectors per lane per step
+
 template <int kVecs, int NUM_RANKS>
 __device__ __forceinline__ void warp_sum_rows(int4* __restrict__ dst, const int4* const (&from)[NUM_RANKS],
-                                              int lane, const float* weights = nullptr) {
-    constexpr int kU = NUM_RANKS >= 16 ? 1 : 16 / NUM_RANKS;
-    for (int v0 = lane; v0 < kVecs; v0 += kWarpSize * kU) {
+                                              int lane, const float* weights = nullptr, int begin = 0,
+                                              int end = kVecs) {
+    constexpr int kU = kSumUnroll<NUM_RANKS>;
+    for (int v0 = begin + lane; v0 < end; v0 += kWarpSize * kU) {
         int4 raw[kU][NUM_RANKS];
 #pragma unroll
         for (int u = 0; u < kU; ++u)
 #pragma unroll
             for (int r = 0; r < NUM_RANKS; ++r) {
                 const int v = v0 + u * kWarpSize;
-                if (v < kVecs && from[r] != nullptr) raw[u][r] = from[r][v];
+                if (v < end && from[r] != nullptr) raw[u][r] = from[r][v];
             }
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
             const int v = v0 + u * kWarpSize;
-            if (v >= kVecs) break;
+            if (v >= end) break;
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
             for (int r = 0; r < NUM_RANKS; ++r) {

@@ -42,6 +42,8 @@ def inputs(kind: str, E: int, K: int, H: int, dtype: str, max_t: int, seed: int)
             T = 0
         if kind == "full":
             T = max_t
+        if kind == "single":  # one token per rank: the rows are cut into slices for the warps
+            T = 1
         xf = torch.randn(T, H, generator=g) * 3
         idx = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K].to(torch.int64)
         if kind == "skewed":  # most tokens go to the same few experts, on one rank
@@ -145,7 +147,7 @@ def check_round(buf, data, E, H, dtype, stream=None, capacity=None, out=None) ->
 
 SHAPES = [(2048, 8, 1), (2048, 8, 2), (2048, 64, 8), (7168, 64, 2), (7168, 256, 8), (2048, 256, 8)]
 CASES = [*[(s, "bf16") for s in SHAPES], ((7168, 256, 8), "fp8_e4m3"), ((2048, 64, 2), "fp8_e4m3")]
-KINDS = ["random", "skewed", "empty", "masked", "zero_on_one", "full"]
+KINDS = ["random", "skewed", "empty", "masked", "zero_on_one", "full", "single"]
 
 
 def case_buffers(cases: list, max_tokens: int) -> Iterator[tuple]:

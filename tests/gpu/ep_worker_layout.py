@@ -150,16 +150,17 @@ def suite_paths() -> int:
     """Non-blocking dispatches down both kernel paths whatever T, forced with
     EP_JIT_FUSED_DISPATCH_TOKENS: send and pull in one launch (the small-batch path) and in
     two; both layouts, against the CPU references; for some routings a second round with
-    new contents writes the first round's outputs again (out=), poisoned first."""
+    new contents writes the first round's outputs again (out=), poisoned first. From one
+    token per rank (rows cut into slices for the warps) to 256 (a warp per row or more)."""
     n = 0
     for limit in (0, 1 << 30):
         os.environ["EP_JIT_FUSED_DISPATCH_TOKENS"] = str(limit)
         for H, E, K, dtype, buf in case_buffers(PATH_CASES, 256):
-            for i, kind in enumerate(["random", "skewed", "empty", "zero_on_one", "full"]):
+            for i, kind in enumerate(["random", "skewed", "empty", "zero_on_one", "full", "single"]):
                 data = inputs(kind, E, K, H, dtype, 256, SEED + 1000 * n + i)
                 pad = PADS[(n + i) % len(PADS)]
                 path = "one launch" if limit else "two launches"
-                again = kind in ("random", "zero_on_one", "full")
+                again = kind in ("random", "zero_on_one", "full", "single")
                 with named(f"{path}: H={H} E={E} K={K} {dtype} {kind}, token layout"):
                     first = check_round(buf, data, E, H, dtype, capacity=WORLD * 256)
                     if again:
