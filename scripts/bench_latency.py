@@ -3,7 +3,8 @@
 
     python scripts/bench_latency.py [--tokens 1 8 32 128 512 4096 --hidden 7168 --experts 256 --topk 8]
 
-Per token count and mode, the median over --iters calls after warm-up of
+Per token count and mode, the median over --iters calls after warm-up (spread over --rounds
+rounds that take the modes in turn, so a slow spell of the host weighs on every mode alike) of
 - wall: host time from the dispatch call until combine's output is ready (the stream
   synchronised), what a caller waits;
 - gpu: CUDA-event time from before dispatch to after combine on the stream (other calls:
@@ -12,8 +13,9 @@ Modes: default (the host waits for the counts, exact-size outputs), capacity
 (capacity = T, never synchronises), reuse (capacity mode, each call writing the previous
 call's outputs again through `out=`: no allocation) and graph (the capacity-mode calls
 captured once in a CUDA graph and replayed: the GPU floor, no host work). Also, from
---iters calls issued back to back without synchronising in between: `host_us`, the
-host's own time per call, and `back_to_back_us`, the time per call until the last is done.
+each round's calls issued back to back without synchronising in between (medians over the
+rounds): `host_us`, the host's own time per call, and `back_to_back_us`, the time per call
+until the last is done.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sms", type=int, default=24)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=5, help="rounds of --iters / rounds calls per mode")
     p.add_argument("--out", type=Path, help="write the JSON results here")
     return p.parse_args()
 
 
-def measure(step, iters: int, warmup: int) -> tuple[float, float]:
-    """(wall us, gpu us), medians; alternate calls are timed by the host alone (the wall:
+def measure(step, iters: int, warmup: int) -> tuple[list[float], list[float]]:
+    """(wall us, gpu us) of each call; alternate calls are timed by the host alone (the wall:
     no event records of its own in it) and by CUDA events around the call (the gpu)."""
     stream = torch.cuda.current_stream()
     walls, events = [], []
@@ -64,7 +67,7 @@ def measure(step, iters: int, warmup: int) -> tuple[float, float]:
             events.append(start.elapsed_time(end) * 1e3)
         else:
             walls.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(walls), statistics.median(events)
+    return walls, events
 
 
 def back_to_back(step, iters: int, warmup: int) -> tuple[float, float]:
@@ -113,9 +116,17 @@ def main() -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             capacity()
-        for mode, step in (("default", default), ("capacity", capacity), ("reuse", reuse), ("graph", graph.replay)):
-            wall, gpu = measure(step, args.iters, args.warmup)
-            host, pipelined = back_to_back(step, args.iters, args.warmup)
+        steps = {"default": default, "capacity": capacity, "reuse": reuse, "graph": graph.replay}
+        samples = {mode: ([], [], [], []) for mode in steps}  # wall, gpu, host, back to back
+        per_round = max(1, args.iters // args.rounds)
+        for _ in range(args.rounds):
+            for mode, step in steps.items():
+                walls, gpus = measure(step, per_round, args.warmup)
+                host, pipelined = back_to_back(step, per_round, args.warmup)
+                for into, values in zip(samples[mode], (walls, gpus, [host], [pipelined])):
+                    into.extend(values)
+        for mode, columns in samples.items():
+            wall, gpu, host, pipelined = map(statistics.median, columns)
             rows.append(dict(tokens=T, mode=mode, wall_us=round(wall, 1), gpu_us=round(gpu, 1), host_us=round(host, 1),
                              back_to_back_us=round(pipelined, 1)))
             print(f"T={T:5d} {mode:9s} wall {wall:8.1f} us   gpu {gpu:8.1f} us   host {host:8.1f} us   "
