@@ -4,8 +4,9 @@
 // send phase    on the source. Blocks [0, R) each compute the routing layout of one
 //               destination (layout.cuh), including the list of tokens it will pull;
 //               the last of them exchanges the counts with every peer and publishes the
-//               receive layout (offsets on the device, totals in mapped host memory,
-//               where the host reads them without synchronising the stream). The other
+//               receive layout (offsets on the device; in default mode also the totals in
+//               mapped host memory, where the host reads them without synchronising the
+//               stream). The other
 //               blocks meanwhile stage this rank's tokens (rows, scales, top-k) in its
 //               own symmetric buffer and then raise kStageReady at every peer. So the
 //               host learns the counts while the tokens are still being staged. Every
@@ -13,7 +14,8 @@
 // pull phase    on the destination, once every source's stage is ready: row j of the
 //               output is row j - offset[s] of source s's list, so rows come out ordered
 //               by (source rank, source token index). Reads are 16-byte loads from the
-//               peer's buffer, one warp per row; chunks of up to 32 rows alternate
+//               peer's buffer, one warp per row (fewer rows than warps: a slice of a
+//               row per warp); chunks of up to 32 rows alternate
 //               between sources so every link is busy at once. Expert ids become local ids
 //               (others -1, weight 0). Rows past the received count, up to the capacity,
 //               are marked empty (-1, 0); rows past the capacity are reported in status
@@ -371,8 +373,8 @@ __device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
         report(st, 2, rows_needed);  // rows that did not fit
     const int total = expert ? min(offsets[NUM_RANKS], a.token_rows) : min(offsets[NUM_RANKS], max(capacity, 0));
     const int lane = threadIdx.x % kWarpSize;
-    // the fused dispatch's layout blocks come to the pull last (they exchange the counts
-    // first), so the first rows go to warps that are waiting already
+    // the fused dispatch's layout blocks come to the pull last (the last of them exchanges
+    // the counts first), so the first rows go to warps that are waiting already
     const int block = after_send ? (blockIdx.x + gridDim.x - NUM_RANKS) % gridDim.x : blockIdx.x;
     const int warp = (block * blockDim.x + threadIdx.x) / kWarpSize;
     const int num_warps = gridDim.x * blockDim.x / kWarpSize;
@@ -380,8 +382,10 @@ __device__ __forceinline__ void pull_phase(const PullArgs& a, bool after_send) {
     // gets some; fewer rows than warps: a slice of a row each), interleaved over the sources.
     const PeerChunks<NUM_RANKS> chunks(offsets, total, rank, num_warps, kWarpSize, false);
     const int parts = row_parts(chunks.count, num_warps, row_vecs, kPullUnroll<T> * kWarpSize);
-    if (parts > 1)
-        pull_rows<HIDDEN, NUM_EXPERTS, NUM_RANKS, TOPK, T, true>(a, chunks, offsets, parts, warp, num_warps);
+    // fp8 rows up to hidden 8192 are one round of loads already, and a split copy in the fp8
+    // kernel would cost its unsplit one registers (spills at the 128-register limit)
+    if (!kFp8 && parts > 1)
+        pull_rows<HIDDEN, NUM_EXPERTS, NUM_RANKS, TOPK, T, !kFp8>(a, chunks, offsets, parts, warp, num_warps);
     else
         pull_rows<HIDDEN, NUM_EXPERTS, NUM_RANKS, TOPK, T, false>(a, chunks, offsets, 1, warp, num_warps);
     if (expert && capacity >= 0) {

@@ -72,7 +72,7 @@ struct Workspace {
 // Mapped pinned host memory the kernels write and the host reads, one per Buffer.
 struct Mailbox {
     uint32_t done_ticket;    // written last: the fields below belong to the dispatch with this ticket
-    uint32_t started_ticket; // written when the send kernel starts (the host's deadline counts from then)
+    uint32_t started_ticket; // written by the send kernel's last block as it starts (the host's deadline counts from then)
     int32_t recv_total;
     int32_t recv_from[kMaxRanks];                // tokens received from each source rank
     int32_t tokens_per_expert[kMaxLocalExperts];

@@ -60,14 +60,15 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int begin,
 
 // Warps per row when there are few rows for the warps: one warp needs several round trips
 // for a 14 KB row (a round: `round` vectors, kUnroll loads per lane), so spare warps take a
-// slice each, of at least one round.
+// slice each, at most as many slices as the row has rounds.
 __device__ __forceinline__ int row_parts(int rows, int workers, int row_vecs, int round) {
     return max(1, min(workers / max(rows, 1), (row_vecs + round - 1) / round));
 }
 
-// Rows cut into `parts` slices, whole multiples of a warp's 32 vectors: work item i is slice
-// part(i) of row (or chunk) row(i). kSplit false: one slice, the whole row, known at compile
-// time, so the loop compiles as an unsplit one (at 4096 rows a runtime slice cost 5-10 %).
+// Rows cut into `parts` slices that start at multiples of a warp's 32 vectors (the last may
+// be shorter, or empty): work item i is slice part(i) of row (or chunk) row(i). kSplit false:
+// one slice, the whole row, known at compile time, so the loop compiles as an unsplit one
+// (at 4096 rows a runtime slice cost 5-10 %).
 template <bool kSplit>
 struct RowSlices {
     int n, span;
