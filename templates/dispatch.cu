@@ -6,20 +6,20 @@
 //               the last of them exchanges the counts with every peer and publishes the
 //               receive layout (offsets on the device; in default mode also the totals in
 //               mapped host memory, where the host reads them without synchronising the
-//               stream). The other
-//               blocks meanwhile stage this rank's tokens (rows, scales, top-k) in its
-//               own symmetric buffer and then raise kStageReady at every peer. So the
-//               host learns the counts while the tokens are still being staged. Every
-//               block first waits until every peer has pulled the previous stage.
+//               stream). The other blocks meanwhile stage this rank's tokens (rows,
+//               scales, top-k) in its own symmetric buffer and then raise kStageReady at
+//               every peer. So the host learns the counts while the tokens are still
+//               being staged. Every block first waits until every peer has pulled the
+//               previous stage.
 // pull phase    on the destination, once every source's stage is ready: row j of the
 //               output is row j - offset[s] of source s's list, so rows come out ordered
 //               by (source rank, source token index). Reads are 16-byte loads from the
 //               peer's buffer, one warp per row (fewer rows than warps: a slice of a
-//               row per warp); chunks of up to 32 rows alternate
-//               between sources so every link is busy at once. Expert ids become local ids
-//               (others -1, weight 0). Rows past the received count, up to the capacity,
-//               are marked empty (-1, 0); rows past the capacity are reported in status
-//               word 2 and not copied. capacity < 0 abandons the dispatch (a rank passed
+//               row per warp); chunks of up to 32 rows alternate between sources so
+//               every link is busy at once. Expert ids become local ids (others -1,
+//               weight 0). Rows past the received count, up to the capacity, are marked
+//               empty (-1, 0); rows past the capacity are reported in status word 2 and
+//               not copied. capacity < 0 abandons the dispatch (a rank passed
 //               bad ids): nothing is copied, the stage is released.
 // A source whose top-k ids were out of range (found by the layout) says so in its counts
 // row, so every rank learns it in the exchange and can raise before any token moves.
@@ -156,6 +156,7 @@ __device__ __forceinline__ void stage_rows(const T* __restrict__ x, const float*
     }
 }
 
+// stage_rows, with the rows cut into slices when they are fewer than the staging warps.
 template <int HIDDEN, int TOPK, typename T>
 __device__ __forceinline__ void stage_tokens(const T* __restrict__ x, const float* __restrict__ scales,
                                              const int64_t* __restrict__ topk_idx,
