@@ -332,7 +332,7 @@ class Buffer:
                  out: Any) -> tuple[Any, Any]:
         """combine_raw once the handle is checked; into `out` when given."""
         adapter = self._adapter("y" if y is not None else "scalars", y if y is not None else scalars, handle)
-        yv = sv = ov = None
+        yv = sv = None
         if y is not None:
             yv = self._tensor("y", y, "bf16", (handle.capacity, self.hidden), adapter, vectors=True)
         if scalars is not None:
@@ -340,11 +340,10 @@ class Buffer:
             shape = (handle.capacity,) if handle.layout == "expert" else (handle.capacity, self.topk)
             sv = self._tensor("scalars", scalars, "float32", shape, adapter)
         if out is not None:
-            ov = self._tensor("out", out, "bf16", (handle.num_tokens, self.hidden), adapter, vectors=True)
+            self._tensor("out", out, "bf16", (handle.num_tokens, self.hidden), adapter, vectors=True)
         op = self._operation(stream, adapter)
         use_device(self.device)
-        result, scalars_out, keep = self._transport.combine(op, yv, handle, handle.capacity, weights, sv,
-                                                            None if ov is None else ov.tensor)
+        result, scalars_out, keep = self._transport.combine(op, yv, handle, handle.capacity, weights, sv, out)
         if op.foreign_stream is not None or self._retained:
             self._retain(op.foreign_stream, [y, scalars, out, handle, *keep])
         return result, scalars_out
