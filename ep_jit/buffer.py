@@ -8,6 +8,7 @@ returns. The Buffer checks every argument before any launch; a transport
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Callable
 
@@ -35,6 +36,8 @@ def _event_done(event: Any) -> bool:
     return True
 
 
+# Operation((adapter, stream, foreign)) without the Python frame of a NamedTuple's __new__
+_operation: Callable[[tuple], Operation] = functools.partial(tuple.__new__, Operation)
 MAX_CAPACITY = 2**31 - 1  # rows are counted in int32 on the device
 _ids = itertools.count(1)
 
@@ -125,12 +128,16 @@ class Buffer:
         if framework_of(t) != adapter.name:
             raise TypeError(f"{name}: expected a {adapter.name} tensor like x, got "
                             f"{type(t).__module__}.{type(t).__name__}")
-        return self._check_view(name, adapter.describe(t), dtype, shape, vectors)
+        v = adapter.describe(t)
+        if v.device == self.device and v.dtype == dtype and v.shape == shape and v.contiguous and \
+                not (vectors and v.ptr % 16):
+            return v  # the common case: one test, in this frame (every operation checks a few tensors)
+        return self._check_view(name, v, dtype, shape, vectors)
 
     def _check_view(self, name: str, v: TensorView, dtype: str, shape: tuple, vectors: bool = False) -> TensorView:
         if v.device == self.device and v.dtype == dtype and v.shape == shape and v.contiguous and \
                 not (vectors and v.ptr % 16):
-            return v  # the common case: one test
+            return v
         if v.device != self.device:
             raise ValueError(f"{name}: expected a tensor on cuda:{self.device}, got device {v.device}")
         if v.dtype != dtype:
@@ -265,7 +272,7 @@ class Buffer:
         """The operation's stream, and the same handle again if it is not the framework's
         current stream (allocations must then be tied to it)."""
         s = resolve_stream(stream, adapter, self.device)
-        return Operation(adapter, s, None if stream is None or s == adapter.current_stream(self.device) else s)
+        return _operation((adapter, s, None if stream is None or s == adapter.current_stream(self.device) else s))
 
     def _retain(self, foreign: int | None, tensors: list) -> None:
         """On a stream other than the framework's current one, the framework's allocator

@@ -129,22 +129,32 @@ class LoadedKernel:
         self.function = function
         self.declaration = declaration
         self._args: ctypes.Structure | None = None
-        self._params = (ctypes.c_void_p * 1)()  # cuLaunchKernel's kernelParams: the struct's address
+        self._params = (ctypes.c_void_p * 1)()  # the kernel's parameters: the struct's address
         self._params_address = ctypes.addressof(self._params)
+        # the launch configuration of the last (stream, grid): a launch then converts no arguments
+        self._config, self._stream, self._grid = driver.CUlaunchConfig(), None, None
 
     def launch(self, stream: int, grid: int, args: ctypes.Structure) -> None:
         """Launch `grid` blocks of the declared size; `args` is the kernel's struct, which
-        cuLaunchKernel copies before it returns (so the caller may reuse it at once)."""
+        the launch copies before it returns (so the caller may reuse it at once)."""
         if args is not self._args:
             if type(args) is not self.declaration.args:
                 raise TypeError(f"{self.declaration.name}: expected {self.declaration.args.__name__}, "
                                 f"got {type(args).__name__}")
             self._args, self._params[0] = args, ctypes.addressof(args)
-        block = self.declaration.block
-        err, = _cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, 0, stream, self._params_address, 0)
+        if stream != self._stream or grid != self._grid:
+            self._configure(stream, grid)
+        err, = _cuLaunchKernelEx(self._config, self.function, self._params_address, 0)
         if err != _SUCCESS:
-            check((err,), f"launching {self.declaration.name} (grid {grid}, block {block})")
+            check((err,), f"launching {self.declaration.name} (grid {grid}, block {self.declaration.block})")
+
+    def _configure(self, stream: int, grid: int) -> None:
+        config = self._config
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = self.declaration.block, 1, 1
+        config.sharedMemBytes, config.hStream, config.numAttrs = 0, driver.CUstream(stream), 0
+        self._stream, self._grid = stream, grid
 
 
-_cuLaunchKernel = driver.cuLaunchKernel
+_cuLaunchKernelEx = driver.cuLaunchKernelEx
 _SUCCESS = driver.CUresult.CUDA_SUCCESS

@@ -8,6 +8,7 @@ makes `import torch` return Paddle.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
@@ -126,14 +127,19 @@ class TensorView(NamedTuple):
     tensor: Any          # the tensor itself, for the framework's own collectives
 
 
+# tensor_view((ptr, shape, ...)) is TensorView(ptr, shape, ...) without the Python frame of a
+# NamedTuple's __new__: every operation makes a few
+tensor_view: Callable[[tuple], TensorView] = functools.partial(tuple.__new__, TensorView)
+
+
 class AdapterBase:
     """What adapters share: a tensor's view from its parts (an adapter may read them at once)."""
 
     name: str
 
     def describe(self, t: Any) -> TensorView:
-        return TensorView(self.pointer(t), self.shape(t), self.dtype(t), self.device(t), self.is_contiguous(t),
-                          self.name, t)
+        return tensor_view((self.pointer(t), self.shape(t), self.dtype(t), self.device(t), self.is_contiguous(t),
+                            self.name, t))
 
 
 class BoundGroup(NamedTuple):

@@ -193,11 +193,11 @@ class NVLinkTransport:
                  capacity: int | None, pad_multiple: int | None = None, out: DispatchResult | None = None
                  ) -> tuple[DispatchResult, list]:
         (T, H), K, R, local = x.shape, self.topk, self.group.size, self.num_experts // self.group.size
-        fp8, dev, expert = scales is not None, self.device, pad_multiple is not None
         # non-blocking and few tokens: send and pull in one launch, once the outputs exist
         fused = capacity is not None and T <= self._fused_tokens
         if out is not None:
             return self._dispatch_again(op, out, x, topk_idx, topk_weights, scales, fused)
+        fp8, dev, expert = scales is not None, self.device, pad_multiple is not None
         self._begin(op)
         if capacity is None:
             self._tickets = next_ticket(self._tickets)
