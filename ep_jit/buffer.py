@@ -128,16 +128,11 @@ class Buffer:
         if framework_of(t) != adapter.name:
             raise TypeError(f"{name}: expected a {adapter.name} tensor like x, got "
                             f"{type(t).__module__}.{type(t).__name__}")
-        v = adapter.describe(t)
-        if v.device == self.device and v.dtype == dtype and v.shape == shape and v.contiguous and \
-                not (vectors and v.ptr % 16):
-            return v  # the common case: one test, in this frame (every operation checks a few tensors)
-        return self._check_view(name, v, dtype, shape, vectors)
+        return self._check_view(name, adapter.describe(t), dtype, shape, vectors)
 
     def _check_view(self, name: str, v: TensorView, dtype: str, shape: tuple, vectors: bool = False) -> TensorView:
-        if v.device == self.device and v.dtype == dtype and v.shape == shape and v.contiguous and \
-                not (vectors and v.ptr % 16):
-            return v
+        if v.fits(self.device, dtype, shape, vectors):
+            return v  # the common case: one test
         if v.device != self.device:
             raise ValueError(f"{name}: expected a tensor on cuda:{self.device}, got device {v.device}")
         if v.dtype != dtype:
@@ -190,6 +185,9 @@ class Buffer:
 
         Differentiable when x (bf16) or topk_weights requires grad: see ep_jit/autograd.py.
         """
+        if out is not None and self._dispatch_again(x, topk_idx, topk_weights, scales, stream, capacity, layout,
+                                                    pad_multiple, out):
+            return out
         if layout not in ("token", "expert"):
             raise ValueError(f"layout: expected 'token' or 'expert', got {layout!r}")
         if layout == "token" and pad_multiple is not None:
@@ -247,6 +245,35 @@ class Buffer:
             self._retain(op.foreign_stream, [x, topk_idx, topk_weights, scales, *keep])
         return result
 
+    def _dispatch_again(self, x: Any, topk_idx: Any, topk_weights: Any, scales: Any, stream: Any,
+                        capacity: Any, layout: Any, pad_multiple: Any, out: Any) -> bool:
+        """A decode loop's dispatch into `out` on the current stream, with inputs of the shapes it
+        was made for: checked in one pass and launched. False, with nothing done, for anything
+        else; dispatch then checks everything as usual, and raises or runs (so every error comes
+        from one place, and this path accepts nothing that one would refuse)."""
+        h = out.handle if type(out) is DispatchResult else None
+        if h is None or h.buffer_id != self.id or h.num_recv is not None or h.recorded or stream is not None or \
+                self._retained or type(capacity) is not int or capacity != h.capacity or layout != h.layout:
+            return False
+        if pad_multiple is None:
+            same_pad = layout == "token" or h.pad_multiple == 1
+        else:
+            same_pad = layout == "expert" and type(pad_multiple) is int and pad_multiple == h.pad_multiple
+        if not same_pad or framework_of(x) != h.framework or needs_grad(x, topk_weights):
+            return False
+        adapter, T, H, K, dev = adapter_for(x), h.num_tokens, self.hidden, self.topk, self.device
+        x_ptr = adapter.address_if(x, dev, self.dtype, (T, H), True)
+        idx_ptr = adapter.address_if(topk_idx, dev, "int64", (T, K), False)
+        weights_ptr = adapter.address_if(topk_weights, dev, "float32", (T, K), False)
+        fp8 = self.dtype == "fp8_e4m3"
+        scales_ptr = adapter.address_if(scales, dev, "float32", (T, H // SCALE_BLOCK), True) if fp8 else 0
+        if not (x_ptr and idx_ptr and weights_ptr) or (not scales_ptr if fp8 else scales is not None):
+            return False
+        self._transport.check_error()  # what the full path would raise first, all else being well
+        use_device(dev)
+        return self._transport.dispatch_again(adapter, resolve_stream(None, adapter, dev), out, x_ptr, idx_ptr,
+                                              weights_ptr, scales_ptr)
+
     def _check_out_result(self, out: Any, grad: bool, capacity: int | None, layout: str,
                           pad_multiple: int | None) -> None:
         """`out` of dispatch: a result this dispatch may overwrite (the rest, with the tokens)."""
@@ -294,6 +321,8 @@ class Buffer:
         rounds once to bf16; the source sums the ranks in rank order). Differentiable when y,
         or the expert layout's weights, require grad. `out`: a bf16 [T, hidden] tensor to write
         and return instead of a new one (not recorded for autograd)."""
+        if out is not None and self._combine_again(y, handle, stream, out):
+            return out
         self._check_handle(handle, "handle")
         weights = handle.weights_node if handle.layout == "expert" else None
         if needs_grad(y, weights):
@@ -302,6 +331,23 @@ class Buffer:
                                  "out= is not recorded for autograd")
             return autograd.combine(self, y, handle, stream)
         return self._combine(y, handle, stream, True, None, out)[0]
+
+    def _combine_again(self, y: Any, handle: Any, stream: Any, out: Any) -> bool:
+        """combine into `out` on the current stream, checked in one pass and launched; False,
+        with nothing done, unless every check passes (as _dispatch_again)."""
+        if type(handle) is not Handle or handle.buffer_id != self.id or stream is not None or self._retained:
+            return False
+        if framework_of(y) != handle.framework or \
+                needs_grad(y, handle.weights_node if handle.layout == "expert" else None):
+            return False
+        adapter, H, dev = adapter_for(y), self.hidden, self.device
+        yp = adapter.address_if(y, dev, "bf16", (handle.capacity, H), True)
+        op = adapter.address_if(out, dev, "bf16", (handle.num_tokens, H), True)
+        if not (yp and op):
+            return False
+        self._transport.check_error()
+        use_device(dev)
+        return self._transport.combine_again(adapter, resolve_stream(None, adapter, dev), handle, yp, op)
 
     def _check_handle(self, handle: Any, name: str) -> None:
         self._transport.check_error()

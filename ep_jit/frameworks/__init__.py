@@ -40,6 +40,7 @@ class Adapter(Protocol):
                    stream: int | None) -> None: ...
     def check_collective_stream(self, stream: int | None) -> None: ...  # raises if they cannot run there
     def describe(self, t: Any) -> TensorView: ...  # AdapterBase's
+    def address_if(self, t: Any, device: int, dtype: str, shape: tuple, vectors: bool) -> int: ...  # AdapterBase's
 
 
 def paddle_torch_proxy_active() -> bool:
@@ -126,6 +127,11 @@ class TensorView(NamedTuple):
     framework: str
     tensor: Any          # the tensor itself, for the framework's own collectives
 
+    def fits(self, device: int, dtype: str, shape: tuple, vectors: bool) -> bool:
+        """A contiguous tensor of dtype and shape on device, 16-byte aligned if `vectors`."""
+        return self.device == device and self.dtype == dtype and self.shape == shape and self.contiguous and \
+            not (vectors and self.ptr % 16)
+
 
 # tensor_view((ptr, shape, ...)) is TensorView(ptr, shape, ...) without the Python frame of a
 # NamedTuple's __new__: every operation makes a few
@@ -140,6 +146,14 @@ class AdapterBase:
     def describe(self, t: Any) -> TensorView:
         return tensor_view((self.pointer(t), self.shape(t), self.dtype(t), self.device(t), self.is_contiguous(t),
                             self.name, t))
+
+    def address_if(self, t: Any, device: int, dtype: str, shape: tuple, vectors: bool) -> int:
+        """t's address if it is this framework's tensor and fits (TensorView.fits), else 0: a
+        repeated operation's checks in one call (0 sends it through the full checks)."""
+        if framework_of(t) != self.name:
+            return 0
+        v = self.describe(t)
+        return v.ptr if v.fits(device, dtype, shape, vectors) else 0
 
 
 class BoundGroup(NamedTuple):

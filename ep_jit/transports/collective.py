@@ -19,7 +19,7 @@ from typing import Any
 from cuda.bindings import driver
 
 from ..errors import EPJitError, PeerTimeout
-from ..frameworks import framework_of
+from ..frameworks import Adapter, framework_of
 from ..kernels.args import CountArgs, LayoutArgs, PackArgs, Status, SumArgs, UnpackArgs, meta_row_bytes
 from ..kernels.constants import SCALE_BLOCK, STATUS_WORDS
 from ..runtime import check, mapped_host_memory, quiesce
@@ -162,6 +162,13 @@ class CollectiveTransport:
             send_offsets=handle.arrays.ptr["send_offsets"],
             out=op.ptr(out), num_tokens=handle.num_tokens))
         return out, None, [back, out]
+
+    def dispatch_again(self, adapter: Adapter, stream: int, out: DispatchResult, x: int, topk_idx: int,
+                       topk_weights: int, scales: int) -> bool:
+        return False  # unreachable: out= needs a non-blocking result, and every result here waited for the counts
+
+    def combine_again(self, adapter: Adapter, stream: int, handle: Handle, y: int, out: int) -> bool:
+        return False  # the all_to_all takes y's tensor, not its address: the full path
 
     def restage(self, op: Operation, g: Any, handle: Handle) -> tuple[Any, list]:
         raise AssertionError("unreachable: the Buffer checks `features` first")

@@ -16,6 +16,7 @@ from typing import Any
 from cuda.bindings import driver
 
 from ..errors import EPJitError, PeerTimeout
+from ..frameworks import Adapter
 from ..config import fused_dispatch_tokens
 from ..kernels.args import CombineArgs, DispatchArgs, Mailbox, Peers, PullArgs, SendArgs, Workspace
 from ..kernels.constants import NUM_FLAG_KINDS, PHASES, PULL_PHASE, SCALE_BLOCK, SEND_PHASE
@@ -178,9 +179,9 @@ class NVLinkTransport:
         self._status[word] = 0
         self._stale_status.add(word)
 
-    def _begin(self, op: Operation) -> None:
+    def _begin(self, stream: int) -> None:
         for word in self._stale_status:
-            check(driver.cuMemsetD32Async(int(self._workspace) + Workspace.status.offset + 4 * word, 0, 1, op.stream),
+            check(driver.cuMemsetD32Async(int(self._workspace) + Workspace.status.offset + 4 * word, 0, 1, stream),
                   "cuMemsetD32Async(status)")
         self._stale_status.clear()
 
@@ -192,13 +193,17 @@ class NVLinkTransport:
     def dispatch(self, op: Operation, x: Any, topk_idx: Any, topk_weights: Any, scales: Any,
                  capacity: int | None, pad_multiple: int | None = None, out: DispatchResult | None = None
                  ) -> tuple[DispatchResult, list]:
+        if out is not None:
+            if not self.dispatch_again(op.adapter, op.stream, out, x.ptr, topk_idx.ptr, topk_weights.ptr,
+                                       scales.ptr if scales is not None else 0):
+                raise ValueError("out: expected a result as dispatch returned it; some of its tensors are not the "
+                                 "ones its handle writes (replaced since?)")
+            return out, [out.handle.arrays.storage, *out]  # held while the kernels write them (a foreign stream)
         (T, H), K, R, local = x.shape, self.topk, self.group.size, self.num_experts // self.group.size
+        fp8, dev, expert = scales is not None, self.device, pad_multiple is not None
         # non-blocking and few tokens: send and pull in one launch, once the outputs exist
         fused = capacity is not None and T <= self._fused_tokens
-        if out is not None:
-            return self._dispatch_again(op, out, x, topk_idx, topk_weights, scales, fused)
-        fp8, dev, expert = scales is not None, self.device, pad_multiple is not None
-        self._begin(op)
+        self._begin(op.stream)
         if capacity is None:
             self._tickets = next_ticket(self._tickets)
         else:
@@ -210,14 +215,14 @@ class NVLinkTransport:
         ptr = arrays.ptr
         expert_counts = op.empty((local,), "int32", dev)
         expert_offsets = op.empty((local + 1,), "int32", dev) if expert else None
-        self._set_inputs(a, x, topk_idx, topk_weights, scales)
+        self._set_inputs(a, x.ptr, topk_idx.ptr, topk_weights.ptr, scales.ptr if fp8 else 0)
         a.is_token_in_rank, a.token_slot, a.num_tokens = ptr["is_token_in_rank"], ptr["token_slot"], T
         a.recv_offsets, a.sent_counts = ptr["recv_offsets"], ptr["sent_counts"]
         a.local_expert_counts = op.ptr(expert_counts)
         a.expert_offsets, a.expert_base = op.ptr(expert_offsets), ptr.get("expert_base", 0)
         a.pad_multiple = pad_multiple or 0
         if not fused:  # R layout blocks (the last also exchanges the counts) beside the staging blocks
-            self._launch_dispatch(op, args, SEND_PHASE)
+            self._launch_dispatch(op.stream, args, SEND_PHASE)
 
         num_recv = recv_from = per_expert = offsets_list = None
         pull.recv_offsets = a.recv_offsets
@@ -230,7 +235,7 @@ class NVLinkTransport:
                 # and advances the dispatch sequence, so the group stays usable
                 pull.recv_x = pull.recv_scales = pull.recv_idx = pull.recv_weights = pull.recv_token = 0
                 pull.pair_rows, pull.capacity, pull.token_rows = 0, -1, 0
-                self._launch_dispatch(op, args, PULL_PHASE)
+                self._launch_dispatch(op.stream, args, PULL_PHASE)
                 self._raise_bad_topk(topk_idx)
             num_recv = self.mailbox.recv_total
             per_expert = list(self.mailbox.tokens_per_expert[:local])
@@ -243,7 +248,7 @@ class NVLinkTransport:
         recv_scales = op.empty((capacity, H // SCALE_BLOCK), "float32", dev) if fp8 else None
         pull.recv_x, pull.recv_scales, pull.recv_idx = op.ptr(recv_x), op.ptr(recv_scales), op.ptr(recv_idx)
         pull.recv_weights, pull.capacity, pull.token_rows = op.ptr(recv_w), capacity, token_rows
-        self._launch_dispatch(op, args, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
+        self._launch_dispatch(op.stream, args, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
         if num_recv is not None:  # the rest of the counts, read once the pull is on its way
             recv_from = list(self.mailbox.recv_from[:R])
         pairs = PairLayout(expert_offsets, expert_counts, token_rows, args, [])
@@ -259,28 +264,29 @@ class NVLinkTransport:
         pairs.outputs = list(map(op.adapter.pointer, WRITTEN[expert, fp8](result)))
         return result, keep
 
-    def _dispatch_again(self, op: Operation, out: DispatchResult, x: Any, topk_idx: Any, topk_weights: Any,
-                        scales: Any, fused: bool) -> tuple[DispatchResult, list]:
-        """A non-blocking dispatch into `out`'s outputs and arrays, whose arguments hold all
-        but the inputs already."""
-        pairs: PairLayout = out.handle.transport
-        if list(map(op.adapter.pointer, WRITTEN[out.handle.layout == "expert", scales is not None](out))) != \
-                pairs.outputs:
-            raise ValueError("out: expected a result as dispatch returned it; some of its tensors are not the ones "
-                             "its handle writes (replaced since?)")
+    def dispatch_again(self, adapter: Adapter, stream: int, out: DispatchResult, x: int, topk_idx: int,
+                       topk_weights: int, scales: int) -> bool:
+        """A non-blocking dispatch of the inputs at these addresses (checked by the Buffer) into
+        `out`'s outputs and arrays, whose arguments hold all but the inputs already. False, with
+        nothing launched, if `out`'s tensors are no longer the ones its handle writes."""
+        h = out.handle
+        pairs: PairLayout = h.transport
+        if list(map(adapter.pointer, WRITTEN[h.layout == "expert", self.dtype == "fp8_e4m3"](out))) != pairs.outputs:
+            return False
         args = pairs.args
-        self._begin(op)
+        self._begin(stream)
         self._unraised_nonblocking = True  # a bad id it finds is raised later, maybe by a default dispatch
         self._set_inputs(args.send, x, topk_idx, topk_weights, scales)
-        if not fused:
-            self._launch_dispatch(op, args, SEND_PHASE)
-        self._launch_dispatch(op, args, SEND_PHASE | PULL_PHASE if fused else PULL_PHASE)
-        return out, [out.handle.arrays.storage, *out]  # held while the kernels write them (a foreign stream)
+        if h.num_tokens <= self._fused_tokens:  # non-blocking and few tokens: send and pull in one launch
+            self._launch_dispatch(stream, args, SEND_PHASE | PULL_PHASE)
+        else:
+            self._launch_dispatch(stream, args, SEND_PHASE)
+            self._launch_dispatch(stream, args, PULL_PHASE)
+        return True
 
     @staticmethod
-    def _set_inputs(a: SendArgs, x: Any, topk_idx: Any, topk_weights: Any, scales: Any) -> None:
-        a.x, a.scales, a.topk_idx, a.topk_weights = x.ptr, scales.ptr if scales is not None else 0, topk_idx.ptr, \
-            topk_weights.ptr
+    def _set_inputs(a: SendArgs, x: int, topk_idx: int, topk_weights: int, scales: int) -> None:
+        a.x, a.scales, a.topk_idx, a.topk_weights = x, scales, topk_idx, topk_weights
 
     def _array_layout(self, T: int, expert: bool) -> ArrayLayout:
         """The kernels' own arrays of a dispatch of T tokens; token rows: the most that can
@@ -297,23 +303,23 @@ class NVLinkTransport:
         """Move bf16 rows g [T, H] (a gradient of combine's output) to where dispatch put the
         tokens of `handle`, along its saved layout: no count exchange. Rows outside the
         layout are zero."""
-        self._begin(op)
+        self._begin(op.stream)
         args = DispatchArgs.from_buffer_copy(handle.transport.args)  # the dispatch's layout, other rows
         a, pull = args.send, args.pull
         a.ticket, a.restage, a.pad_multiple = 0, 1, 0
         a.x, a.scales, a.topk_idx, a.topk_weights = g.ptr, 0, 0, 0
         out = op.empty((handle.capacity, self.hidden), "bf16", self.device)  # before any launch
-        self._launch_dispatch(op, args, SEND_PHASE)
+        self._launch_dispatch(op.stream, args, SEND_PHASE)
         pull.restage, pull.recv_x, pull.recv_scales, pull.recv_idx, pull.recv_weights = 1, op.ptr(out), 0, 0, 0
-        self._launch_dispatch(op, args, PULL_PHASE)
+        self._launch_dispatch(op.stream, args, PULL_PHASE)
         return out, [out]
 
-    def _launch_dispatch(self, op: Operation, args: DispatchArgs, phases: int) -> None:
+    def _launch_dispatch(self, stream: int, args: DispatchArgs, phases: int) -> None:
         """dispatch_kernel for `phases` with `args` as they are now (the launch copies them)."""
         args.phases = phases
         both = phases == SEND_PHASE | PULL_PHASE  # then its blocks wait for each other
         kernel = self._resident_kernel("dispatch") if both else self.kernels.dispatch
-        kernel.launch(op.stream, self.num_sms, args)
+        kernel.launch(stream, self.num_sms, args)
 
     def _wait_for_counts(self, ticket: int) -> None:
         """Wait on mapped host memory until the count exchange of `ticket` has landed. The
@@ -336,10 +342,8 @@ class NVLinkTransport:
         """out [T, H] bf16 (into `out` when given; None without y); with `scalars` (per-pair fp32
         values: [rows] in the expert layout, [rows, K] in the token layout) also their sum over
         ranks per source pair, [T, K]. `weights`: expert layout, apply the pairs' weights (else 1)."""
-        combine = self._resident_kernel("combine")
-        self._begin(op)
+        combine = self._resident_kernel("combine")  # before any allocation: it may refuse num_sms
         expert = handle.layout == "expert"
-        a = handle.transport.combine_args or self._combine_args(handle, rows)
         keep = []
         if out is None and y is not None:
             out = op.empty((handle.num_tokens, self.hidden), "bf16", self.device)
@@ -348,14 +352,32 @@ class NVLinkTransport:
         if scalars is not None:
             scalars_out = op.empty((handle.num_tokens, self.topk), "float32", self.device)
             keep.append(scalars_out)
-        a.y, a.out, a.with_rows = (0, 0, 0) if y is None else (y.ptr, op.ptr(out), 1)
-        a.pair_weights = op.ptr(handle.recv_weights) if expert and weights else 0
-        a.scalars = scalars.ptr if scalars is not None else 0
-        a.recv_idx = op.ptr(handle.recv_topk_idx) if scalars is not None and not expert else 0
-        a.scalars_out = op.ptr(scalars_out)
-        # one block per SM of num_sms, all resident at once (checked at the first combine)
-        combine.launch(op.stream, self.num_sms, a)
+        self._launch_combine(combine, op.stream, handle, rows, y is not None, 0 if y is None else y.ptr, op.ptr(out),
+                             op.ptr(handle.recv_weights) if expert and weights else 0,
+                             scalars.ptr if scalars is not None else 0,
+                             op.ptr(handle.recv_topk_idx) if scalars is not None and not expert else 0,
+                             op.ptr(scalars_out))
         return out, scalars_out, keep
+
+    def combine_again(self, adapter: Adapter, stream: int, handle: Handle, y: int, out: int) -> bool:
+        """combine of the bf16 rows at `y` into `out` (addresses checked by the Buffer), the
+        expert layout's weights applied: the common case of combine, once the handle has run one."""
+        if handle.transport.combine_args is None:
+            return False
+        weights = adapter.pointer(handle.recv_weights) if handle.layout == "expert" else 0
+        self._launch_combine(self.kernels.combine, stream, handle, handle.capacity, True, y, out, weights, 0, 0, 0)
+        return True
+
+    def _launch_combine(self, combine: LoadedKernel, stream: int, handle: Handle, rows: int, with_rows: bool, y: int,
+                        out: int, pair_weights: int, scalars: int, recv_idx: int, scalars_out: int) -> None:
+        """combine_kernel over `handle` with these addresses (without rows: the scalars alone; y
+        may be 0 with rows, for a capacity of 0)."""
+        self._begin(stream)
+        a = handle.transport.combine_args or self._combine_args(handle, rows)
+        a.y, a.out, a.with_rows, a.pair_weights = y, out, int(with_rows), pair_weights
+        a.scalars, a.recv_idx, a.scalars_out = scalars, recv_idx, scalars_out
+        # one block per SM of num_sms, all resident at once (checked at the first combine)
+        combine.launch(stream, self.num_sms, a)
 
     def _combine_args(self, handle: Handle, rows: int) -> CombineArgs:
         """The combine arguments every combine of `handle` shares, made at its first combine."""
