@@ -181,7 +181,8 @@ class Buffer:
         number of tokens, capacity, layout and pad_multiple, not recorded for autograd. This
         dispatch overwrites its tensors and handle (after the work queued before it on the
         stream) and returns it, so a decode loop allocates nothing; its previous contents and
-        handle are gone, so combine it first.
+        handle are gone, so combine it first. On the current stream with inputs of the shapes
+        `out` was made for, its checks take one pass (so do combine's, into its `out`).
 
         Differentiable when x (bf16) or topk_weights requires grad: see ep_jit/autograd.py.
         """
@@ -341,13 +342,13 @@ class Buffer:
                 needs_grad(y, handle.weights_node if handle.layout == "expert" else None):
             return False
         adapter, H, dev = adapter_for(y), self.hidden, self.device
-        yp = adapter.address_if(y, dev, "bf16", (handle.capacity, H), True)
-        op = adapter.address_if(out, dev, "bf16", (handle.num_tokens, H), True)
-        if not (yp and op):
+        y_ptr = adapter.address_if(y, dev, "bf16", (handle.capacity, H), True)
+        out_ptr = adapter.address_if(out, dev, "bf16", (handle.num_tokens, H), True)
+        if not (y_ptr and out_ptr):
             return False
         self._transport.check_error()
         use_device(dev)
-        return self._transport.combine_again(adapter, resolve_stream(None, adapter, dev), handle, yp, op)
+        return self._transport.combine_again(adapter, resolve_stream(None, adapter, dev), handle, y_ptr, out_ptr)
 
     def _check_handle(self, handle: Any, name: str) -> None:
         self._transport.check_error()

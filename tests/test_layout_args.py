@@ -116,7 +116,7 @@ def test_dispatch_out_is_checked_first(kwargs, error, needle):
 def _owning_buffer():
     """A Buffer as far as the checks of out= go, and a handle of its own."""
     buf = _buffer("nvlink")
-    buf.id, buf._transport = 7, NVLinkTransport.__new__(NVLinkTransport)
+    buf.id, buf._transport, buf._retained = 7, NVLinkTransport.__new__(NVLinkTransport), []
     buf._transport.closed = False
     buf._transport._status = [0]  # no error reported
     return buf, base.Handle(7, "torch", 4, None, None, 4, None, None)
@@ -165,9 +165,12 @@ def test_out_whose_tensors_were_replaced_is_refused_before_any_launch():
     transport = NVLinkTransport.__new__(NVLinkTransport)
     transport.kernels, transport._resident, transport._stale_status, transport.num_sms = \
         SimpleNamespace(dispatch=kernel), {"dispatch"}, set(), 4
+    transport.dtype, transport._fused_tokens = "bf16", 8
     op, inputs = base.Operation(TorchAdapter(), 0, None), [SimpleNamespace(ptr=16)] * 3
-    with pytest.raises(ValueError, match="out: expected a result as dispatch returned it"):
-        transport._dispatch_again(op, result._replace(recv_x=tensors[0].clone()), *inputs, None, True)
+    replaced = result._replace(recv_x=tensors[0].clone())
+    assert not transport.dispatch_again(op.adapter, 0, replaced, 16, 16, 16, 0)  # the repeat path: not launched
+    with pytest.raises(ValueError, match="out: expected a result as dispatch returned it"):  # the full path
+        transport.dispatch(op, *inputs, None, 4, None, replaced)
     assert launched == []
-    assert transport._dispatch_again(op, result, *inputs, None, True)[0] is result
+    assert transport.dispatch_again(op.adapter, 0, result, 16, 16, 16, 0)
     assert launched == [3] and args.send.x == 16  # both phases in one launch, the new inputs
