@@ -251,8 +251,16 @@ def suite_rounds() -> int:
                 if first is None:
                     first = out.clone()
                 assert torch.equal(bits(out), bits(first)), f"round {i} drifted"
+        # a decode loop: non-blocking, into the same outputs (the one-pass checks), 1000 times
+        res = buf.dispatch(*g, capacity=WORLD * 128)
+        out = buf.combine(expert_output(res.recv_x, None, RANK), res.handle)
+        for i in range(1000):
+            assert buf.dispatch(*g, capacity=WORLD * 128, out=res) is res
+            assert buf.combine(expert_output(res.recv_x, None, RANK), res.handle, out=out) is out
+            if i % 250 == 0 or i == 999:
+                assert torch.equal(bits(out), bits(first)), f"round {i} into out= differs from default mode"
         check_round(buf, data, E, H, "bf16")
-    return 1000
+    return 2000
 
 
 def suite_graph() -> int:
