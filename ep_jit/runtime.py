@@ -123,7 +123,8 @@ class Library:
 
 
 class LoadedKernel:
-    """One kernel, ready to launch on a stream with its argument struct."""
+    """One kernel, ready to launch on a stream with its argument struct. It keeps the struct's
+    address and the launch configuration between launches: one thread launches it at a time."""
 
     def __init__(self, function: driver.CUfunction, declaration: Kernel) -> None:
         self.function = function

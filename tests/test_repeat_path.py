@@ -2,6 +2,9 @@
 tensors, a recording transport): they launch with the inputs' addresses when everything is
 as the result was made for, and hand anything else, untouched, to the full checks."""
 
+import itertools
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -40,7 +43,7 @@ def no_driver(monkeypatch):
 
 def _buffer(dtype="bf16"):
     buf = Buffer.__new__(Buffer)
-    buf.id, buf.hidden, buf.topk, buf.dtype, buf.device = 7, H, K, dtype, -1  # CPU tensors: device -1
+    buf.id, buf.hidden, buf.topk, buf.dtype, buf.device, buf.max_tokens = 7, H, K, dtype, -1, 16  # CPU: device -1
     buf._retained, buf._transport = [], Recorder()
     return buf
 
@@ -120,10 +123,86 @@ def test_dispatch_mismatches_take_the_full_checks(mismatch):
     assert buf._dispatch_again(**args, out=out) is False and buf._transport.calls == []
 
 
-def test_a_tuple_is_not_a_result():
-    buf = _buffer()
-    assert not buf._dispatch_again(**_inputs(), scales=None, stream=None, capacity=CAPACITY, layout="token",
-                                   pad_multiple=None, out=tuple(_result()))
+def test_a_tuple_is_not_a_result_nor_a_lookalike_a_handle():
+    buf, result = _buffer(), _result()
+    lookalike = result._replace(handle=SimpleNamespace(**vars(result.handle)))
+    for out in (tuple(result), lookalike, result._replace(handle=object())):
+        assert not buf._dispatch_again(**_inputs(), scales=None, stream=None, capacity=CAPACITY, layout="token",
+                                       pad_multiple=None, out=out)
+
+
+class FullPath(Recorder):
+    """A transport that also records the full path's calls."""
+
+    features = frozenset({"expert layout", "autograd"})
+
+    def check_operation(self, op, capacity):
+        pass
+
+    def dispatch(self, op, x, topk_idx, topk_weights, scales, capacity, pad_multiple, out):
+        self.calls.append(("dispatch", op.stream, out, x.ptr, topk_idx.ptr, topk_weights.ptr,
+                           0 if scales is None else scales.ptr))
+        return out, []
+
+    def combine(self, op, y, handle, rows, weights, scalars, out):
+        self.calls.append(("combine", op.stream, handle, y.ptr, out))
+        return out, None, []
+
+
+def _both_paths(dtype):
+    """A Buffer that takes the one pass, and one whose one pass always declines."""
+    fast, full = _buffer(dtype), _buffer(dtype)
+    fast._transport, full._transport = FullPath(), FullPath()
+    full._dispatch_again = full._combine_again = lambda *args: False
+    return fast, full
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8_e4m3"])
+def test_what_the_one_pass_launches_the_full_checks_accept_alike(dtype):
+    """Over combinations of layouts, paddings, capacities and scales: every dispatch the one
+    pass launches, the full checks accept too, and hand the transport the same stream and
+    addresses."""
+    accepted = []
+    for (layout, handle_pad), pad_multiple, capacity, scales_cols, asked in itertools.product(
+            (("token", 1), ("expert", 1), ("expert", 16)), (None, 1, 16, True, 0), (CAPACITY, CAPACITY - 1, None),
+            (None, H // 128, H // 64), ("token", "expert")):
+        fast, full = _both_paths(dtype)
+        out, inputs = _result(layout, handle_pad), _inputs()
+        if dtype == "fp8_e4m3":
+            inputs["x"] = inputs["x"].to(torch.float8_e4m3fn)
+        call = dict(inputs, scales=None if scales_cols is None else torch.rand(T, scales_cols), capacity=capacity,
+                    layout=asked, pad_multiple=pad_multiple, out=out)
+        if not fast._dispatch_again(**call, stream=None):
+            continue
+        accepted.append((layout, handle_pad, pad_multiple, asked, capacity, scales_cols))
+        assert full.dispatch(**call) is out
+        assert fast._transport.calls == full._transport.calls
+    scales_cols = H // 128 if dtype == "fp8_e4m3" else None
+    assert accepted == [("token", 1, None, "token", CAPACITY, scales_cols), ("expert", 1, None, "expert", CAPACITY,
+                        scales_cols), ("expert", 1, 1, "expert", CAPACITY, scales_cols),
+                        ("expert", 16, 16, "expert", CAPACITY, scales_cols)]
+
+
+def test_what_the_one_pass_combines_the_full_checks_accept_alike():
+    """Over layouts, weights that need grad or not, and y / out of other shapes and dtypes:
+    every combine the one pass launches, the full checks accept too, alike."""
+    accepted = []
+    ys = {"y": lambda: torch.randn(CAPACITY, H).bfloat16(), "y f32": lambda: torch.randn(CAPACITY, H),
+          "y rows": lambda: torch.randn(CAPACITY + 1, H).bfloat16()}
+    outs = {"out": lambda: torch.empty(T, H, dtype=torch.bfloat16), "out f32": lambda: torch.empty(T, H),
+            "out misaligned": lambda: _misaligned((T, H))}
+    for layout, grad, y_kind, out_kind in itertools.product(("token", "expert"), (False, True), ys, outs):
+        fast, full = _both_paths("bf16")
+        handle = _result(layout).handle
+        handle.weights_node = torch.rand(CAPACITY, requires_grad=grad)
+        y, out = ys[y_kind](), outs[out_kind]()
+        if fast._combine_again(y, handle, None, out) is not True:
+            continue
+        accepted.append((layout, grad, y_kind, out_kind))
+        assert full.combine(y, handle, out=out) is out
+        assert fast._transport.calls == [("combine", STREAM, handle, y.data_ptr(), out.data_ptr())]
+        assert full._transport.calls == [("combine", STREAM, handle, y.data_ptr(), out)]
+    assert accepted == [("token", False, "y", "out"), ("token", True, "y", "out"), ("expert", False, "y", "out")]
 
 
 COMBINE_MISMATCHES = {

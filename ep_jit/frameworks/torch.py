@@ -23,6 +23,8 @@ _DEVICES = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
 # the current stream's handle without a Stream object (about 10x cheaper, on every operation)
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
     lambda device: torch.cuda.current_stream(device).cuda_stream)
+# whether the current stream is being captured into a graph, without the Python wrapper's frame
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 # all_gather_single (newer torch) replaces all_gather_into_tensor (deprecated there); same arguments
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -63,12 +65,11 @@ class TorchAdapter(AdapterBase):
         return stream.cuda_stream if isinstance(stream, torch.cuda.Stream) else None
 
     def empty(self, shape: Sequence[int], dtype: str, device: int, stream: int | None) -> torch.Tensor:
-        like = _shaped(tuple(shape), dtype, device)
         if stream is None:  # the hot path: a few microseconds matter while the GPU waits for the pull
-            return torch.empty_like(like, memory_format=torch.contiguous_format)
+            return _empty(tuple(shape), dtype, device)
         # the caching allocator ties a block to the stream current at allocation
         with _current(stream, _DEVICES[device]):
-            return torch.empty_like(like, memory_format=torch.contiguous_format)
+            return _empty(tuple(shape), dtype, device)
 
     def view(self, storage: torch.Tensor, offset: int, shape: Sequence[int], dtype: str) -> torch.Tensor:
         typed = storage.view(_TORCH[dtype])
@@ -91,6 +92,16 @@ class TorchAdapter(AdapterBase):
             dist.all_to_all_single(out, inp, out_splits, in_splits, group=group)
 
 
+def _empty(shape: tuple[int, ...], dtype: str, device: int) -> torch.Tensor:
+    """torch.empty(shape, ...) in about half its host time: torch.empty_like of a cached tensor
+    of that shape over one element parses fewer arguments, and operations repeat their shapes.
+    Not while the stream is being captured: the graph's private pool would hold the cached
+    element."""
+    if _capturing():
+        return torch.empty(shape, dtype=_TORCH[dtype], device=_DEVICES[device])
+    return torch.empty_like(_shaped(shape, dtype, device), memory_format=torch.contiguous_format)
+
+
 @functools.cache
 def _one(dtype: str, device: int) -> torch.Tensor:
     return torch.empty((), dtype=_TORCH[dtype], device=_DEVICES[device])
@@ -98,9 +109,6 @@ def _one(dtype: str, device: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _shaped(shape: tuple[int, ...], dtype: str, device: int) -> torch.Tensor:
-    """A tensor of `shape`, dtype and device over one element, for torch.empty_like: it takes
-    about half the host time of torch.empty (fewer arguments to parse), and operations repeat
-    their shapes."""
     return _one(dtype, device).expand(shape)
 
 
