@@ -253,8 +253,9 @@ class Buffer:
         else; dispatch then checks everything as usual, and raises or runs (so every error comes
         from one place, and this path accepts nothing that one would refuse)."""
         h = out.handle if type(out) is DispatchResult else None
-        if type(h) is not Handle or h.buffer_id != self.id or h.num_recv is not None or h.recorded or stream is not None or \
-                self._retained or type(capacity) is not int or capacity != h.capacity or layout != h.layout:
+        if type(h) is not Handle or h.buffer_id != self.id or h.num_recv is not None or h.recorded or \
+                stream is not None or self._retained or type(capacity) is not int or capacity != h.capacity or \
+                layout != h.layout:
             return False
         if pad_multiple is None:
             same_pad = layout == "token" or h.pad_multiple == 1
