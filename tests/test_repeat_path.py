@@ -123,7 +123,7 @@ def test_dispatch_mismatches_take_the_full_checks(mismatch):
     assert buf._dispatch_again(**args, out=out) is False and buf._transport.calls == []
 
 
-def test_a_tuple_is_not_a_result_nor_a_lookalike_a_handle():
+def test_out_must_be_a_result_with_a_real_handle():
     buf, result = _buffer(), _result()
     lookalike = result._replace(handle=SimpleNamespace(**vars(result.handle)))
     for out in (tuple(result), lookalike, result._replace(handle=object())):
